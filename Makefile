@@ -1,0 +1,28 @@
+# All set-up lives here: `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision are pinned; pip takes them from this machine's local wheels.
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/captrt demo
+
+test: install
+	$(PY) -m pytest -q -x --durations=15
+
+bench: install
+	$(PY) benchmarks/run_suite.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
