@@ -35,11 +35,17 @@ def length_penalty_factor(length: int, alpha: float) -> float:
 def reference_beam_search(model: CaptionModel, image: torch.Tensor, start: int, end: int, beam_size: int = 5,
                           max_steps: int = 50, length_penalty: float = 0.0) -> ReferenceResult:
     """image: normalized (3, S, S) float tensor. Follows the seed step by step."""
+    encoder_out = model.encoder(image.unsqueeze(0))  # (1, P, E)
+    return reference_beam_search_features(model.decoder, encoder_out, start, end, beam_size, max_steps, length_penalty)
+
+
+@torch.no_grad()
+def reference_beam_search_features(decoder, encoder_out: torch.Tensor, start: int, end: int, beam_size: int = 5,
+                                   max_steps: int = 50, length_penalty: float = 0.0) -> ReferenceResult:
+    """The same search from precomputed encoder features (1, P, E) (used by validation during training)."""
     if beam_size < 1 or max_steps < 1:
         raise ValueError("beam_size and max_steps must be >= 1")
-    decoder = model.decoder
     k = beam_size
-    encoder_out = model.encoder(image.unsqueeze(0))  # (1, P, E)
     num_pixels, encoder_dim = encoder_out.shape[1:]
     vocab_size = decoder.vocab_size
     encoder_out = encoder_out.expand(k, num_pixels, encoder_dim)  # (k, P, E)

@@ -1,0 +1,3 @@
+from captrt.cli import app
+
+app(prog_name="captrt")

@@ -1,0 +1,1 @@
+"""captrt.runtime: torch-free inference (numpy, onnxruntime, pillow)."""
