@@ -138,7 +138,7 @@ class Trainer:
         self.model.encoder.eval()
         feats = []
         for start in range(0, len(images), 32):
-            x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(images[start:start + 32])).to(self.device))
+            x = normalize_uint8(torch.from_numpy(np.array(images[start:start + 32])).to(self.device))
             feats.append(self.model.encoder(x).cpu().numpy())  # (b, P, E)
         return np.concatenate(feats)
 
@@ -196,7 +196,7 @@ class Trainer:
         hyps, refs = [], []
         for i in range(len(self.val_inputs)):
             if self.cfg.fine_tune_encoder:
-                feats = self.model.encoder(normalize_uint8(torch.from_numpy(np.ascontiguousarray(self.val_inputs[i:i + 1])).to(self.device)))
+                feats = self.model.encoder(normalize_uint8(torch.from_numpy(np.array(self.val_inputs[i:i + 1])).to(self.device)))
             else:
                 feats = torch.from_numpy(self.val_inputs[i:i + 1]).to(self.device)
             result = reference_beam_search_features(self.model.decoder, feats, self.vocab.start, self.vocab.end,
