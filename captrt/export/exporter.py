@@ -1,0 +1,327 @@
+"""export_model: checkpoint -> model directory (docs/model-format.md), parity-checked, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from captrt.atomic import atomic_directory
+from captrt.export import images as image_sets
+from captrt.export.errors import ExportError
+from captrt.export.fp16 import convert_to_fp16
+from captrt.export.graphs import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS,
+                                  DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs)
+from captrt.export.manifest import GRAPH_FILES, MAX_STEPS, build_manifest, graph_entry, sha256_file, write_json
+from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
+from captrt.export.ops import tensorrt_problems
+from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity,
+                                  parity_report, run_beam_searches, torch_threads)
+from captrt.export.progress import Progress
+from captrt.export.quantize import quantize_decoder, quantize_encoder
+from captrt.train.model import CaptionModel, normalize_uint8
+from captrt.train.reference import reference_beam_search
+from captrt.vocab import Vocab
+
+ENCODER_DIMS = {"image": {0: "batch"}}
+DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "beams"},
+                "h": {0: "batch", 1: "prev_beams"}, "c": {0: "batch", 1: "prev_beams"},
+                "features": {0: "batch"}, "att_proj": {0: "batch"}}
+PARITY_BEAM = 5
+NUMERIC_IMAGES = 4
+INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
+INT8_DECODER = "dynamic int8 MatMuls (per-channel symmetric weights, per-call activation scales), log_softmax/TopK fp32"
+FP16 = "fp16 weights and activations; softmax, log_softmax, TopK, reductions and the LSTM cell state fp32; fp32 I/O"
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17, max_beam: int = 10,
+                 fp16: bool = False, int8: bool = False, calib_json: str | None = None,
+                 calib_images: str | None = None, word_map: str | None = None,
+                 parity_images: list[str | Path] | None = None, parity_count: int = 50, force: bool = False,
+                 overwrite: bool = False, progress: bool = True, calib_count: int = 64) -> dict[str, Any]:
+    """Export `checkpoint` to the model directory `out_dir` and return its manifest (captrt.json).
+
+    fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
+    differences within tolerance) or nothing is written, unless force. fp16/int8 variants are
+    written with their parity reports. Raises ExportError (a ValueError naming the file) on bad
+    input; on any failure the output directory is left as it was.
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    _check_arguments(out_dir, opset, max_beam, parity_count, calib_count, overwrite, calib_json, calib_images)
+    log = Progress(progress)
+    timer = Timer()
+    with log.step(f"loading {checkpoint}"):
+        model, vocab, source = load_model(checkpoint, word_map)
+    cfg = model.config
+    if max_beam > cfg.vocab_size:
+        raise ExportError(f"max_beam {max_beam} exceeds the vocabulary size {cfg.vocab_size} of {checkpoint}")
+
+    # Read every input image before the long steps, so a bad file fails in seconds, not minutes.
+    with log.step("reading parity/calibration images"):
+        parity_set, calib_set = _image_sets(cfg.image_size, parity_images, parity_count, calib_json,
+                                            calib_images, calib_count, int8)
+    log.say(f"parity: {len(parity_set)} images ({parity_set.source})"
+            + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else ""))
+
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            _chmod_like_mkdir(tmp)
+            manifest = _export_into(tmp, model, vocab, source, log, timer, opset=opset, max_beam=max_beam,
+                                    fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force)
+    except FileExistsError as exc:
+        raise ExportError(str(exc)) from None
+    log.say(f"wrote {out_dir} in {timer():.0f}s")
+    return manifest
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """The temporary directory is created 0700; give the model directory mkdir's usual mode (umask)."""
+    umask = 0o022
+    try:  # Linux exposes the umask without the racy os.umask(0) round trip
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _check_arguments(out_dir: Path, opset: int, max_beam: int, parity_count: int, calib_count: int,
+                     overwrite: bool, calib_json: str | None, calib_images: str | None) -> None:
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    for name, value, low in (("opset", opset, 17), ("max_beam", max_beam, 1), ("parity_count", parity_count, 1),
+                             ("calib_count", calib_count, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ExportError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if opset > 20:
+        raise ExportError(f"opset {opset}: TensorRT 10 parses opsets up to 20")
+    if max_beam >= 3840:
+        raise ExportError(f"max_beam {max_beam}: TensorRT's TopK needs K < 3840")
+    if (calib_json is None) != (calib_images is None):
+        raise ExportError("calibration needs both the dataset JSON (--calib) and its image root (--images)")
+
+
+def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vocab, dict[str, Any]]:
+    """A captrt checkpoint, or a legacy (seed/tutorial) pickle when a word map is given."""
+    from captrt.train.checkpoint import CheckpointError, load_checkpoint
+
+    kind = "captrt"
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        if "pickled objects" not in str(exc):
+            raise ExportError(str(exc)) from None
+        if word_map is None:
+            raise ExportError(f"{exc} Or export it directly with its vocabulary: --word-map WORDMAP.json") from None
+        ckpt, kind = _load_legacy(checkpoint, word_map)
+    except Exception as exc:  # e.g. KeyError from torch's unpickler on arbitrary bytes
+        raise ExportError(f"{checkpoint}: unreadable, not a checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if word_map is not None and kind == "captrt":
+        try:
+            given = Vocab.load(word_map)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        if given != ckpt.vocab:
+            raise ExportError(f"{word_map}: differs from the vocabulary stored in {checkpoint} "
+                              "(a word map is only needed for legacy checkpoints)")
+    try:
+        model = ckpt.build_model()
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    source = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint), "kind": kind}
+    if word_map is not None:
+        source["word_map"] = str(Path(word_map).resolve())
+    return model, ckpt.vocab, source
+
+
+def _load_legacy(checkpoint: Path, word_map: str):
+    """Imported lazily: legacy support is optional."""
+    from captrt.train.checkpoint import Checkpoint
+    from captrt.train.legacy import build_vocab_for_legacy, load_legacy_checkpoint
+
+    try:
+        imported = load_legacy_checkpoint(checkpoint)
+        vocab = build_vocab_for_legacy(word_map, None, expected_size=imported.config.vocab_size)
+    except ValueError as exc:  # LegacyCheckpointError and friends name the file
+        raise ExportError(str(exc)) from None
+    ckpt = Checkpoint(imported.config, vocab, imported.encoder_state, imported.decoder_state, path=str(checkpoint))
+    return ckpt, f"legacy-{imported.source_format}"
+
+
+def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
+                int8: bool) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None]:
+    entries = image_sets.read_karpathy(calib_json, calib_root) if calib_json is not None else None
+    if parity_images:
+        parity = image_sets.from_files(parity_images, size)
+    elif entries is not None:
+        parity = image_sets.from_dataset(entries, image_sets.PARITY_SPLITS, parity_count, size)
+    else:
+        parity = image_sets.synthetic(parity_count, size)
+    calib = None
+    if int8:
+        if entries is not None:
+            calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size,
+                                            avoid={Path(p) for p in parity.paths}, source="calibration dataset")
+        else:  # default: calibrate on (up to calib_count of) the parity images
+            calib = image_sets.ImageSet(parity.images[:calib_count], parity.names[:calib_count], None,
+                                        f"parity images: {parity.source}", parity.paths[:calib_count])
+    return parity, calib
+
+
+def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,
+                 opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool) -> dict:
+    cfg = model.config
+    with log.step("tracing encoder (torch.onnx, dynamo)"):
+        enc = export_onnx(EncoderGraph(model), example_encoder_inputs(cfg.image_size), input_names=ENCODER_INPUTS,
+                          output_names=ENCODER_OUTPUTS, dynamic_dims=ENCODER_DIMS, opset=opset)
+    with log.step("tracing decoder step"):
+        dec = export_onnx(DecoderStepGraph(model, max_beam), example_decoder_inputs(model),
+                          input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS, dynamic_dims=DECODER_DIMS,
+                          opset=opset)
+    check_contract(enc, dec, cfg, max_beam)
+    for name, graph in (("encoder", enc), ("decoder_step", dec)):
+        problems = tensorrt_problems(graph)
+        if problems:
+            raise ExportError(f"{name}: operators TensorRT 10 cannot parse: {'; '.join(problems[:5])}")
+
+    with log.step(f"PyTorch reference beam search on {len(parity_set)} images"):
+        reference = _reference_captions(model, vocab, parity_set, min(PARITY_BEAM, max_beam), log)
+    checker = _ParityChecker(model, vocab, parity_set, reference, min(PARITY_BEAM, max_beam), log)
+
+    graphs: dict[str, dict] = {}
+    parity: dict[str, dict] = {}
+    files = GRAPH_FILES["fp32"]
+    _write_pair(tmp, files, enc, dec)
+    parity["fp32"] = checker.run("fp32", enc, dec, strict=True)
+    if not parity["fp32"]["passed"] and not force:
+        raise ExportError(_parity_failure(parity["fp32"]))
+    graphs["fp32"] = _entries(tmp, files, "fp32", enc, dec)
+
+    if fp16:
+        with log.step("converting to fp16"):
+            try:
+                enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",))
+            except ValueError as exc:  # e.g. weights beyond fp16's range
+                raise ExportError(f"fp16 variant: {exc}") from None
+        check_contract(enc16, dec16, cfg, max_beam)
+        _write_pair(tmp, GRAPH_FILES["fp16"], enc16, dec16)
+        graphs["fp16"] = _entries(tmp, GRAPH_FILES["fp16"], "fp16", enc16, dec16, FP16, FP16)
+        parity["fp16"] = checker.run("fp16", enc16, dec16, strict=False)
+    if int8:
+        with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
+                log.bar(len(calib_set), "calibration") as tick:
+            enc8 = quantize_encoder(enc, list(calib_set.images), on_image=tick)
+        with log.step("int8: quantizing the decoder step"):
+            dec8 = quantize_decoder(dec)
+        check_contract(enc8, dec8, cfg, max_beam)
+        _write_pair(tmp, GRAPH_FILES["int8"], enc8, dec8)
+        graphs["int8"] = _entries(tmp, GRAPH_FILES["int8"], "int8", enc8, dec8, INT8_ENCODER, INT8_DECODER)
+        parity["int8"] = checker.run("int8", enc8, dec8, strict=False)
+        parity["int8"]["calibration"] = {"images": len(calib_set), "source": calib_set.source}
+
+    write_json(tmp / "vocab.json", vocab.to_json())
+    exporter = {"tool": "captrt.export", "torch_exporter": "torch.onnx.export(dynamo=True)",
+                "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version(),
+                "parity_images": parity_set.source, "seconds": round(timer(), 1)}
+    manifest = build_manifest(cfg, vocab, opset=opset, max_beam=max_beam, graphs=graphs, parity=parity,
+                              source=source, exporter=exporter)
+    write_json(tmp / "captrt.json", manifest)
+    return manifest
+
+
+def check_contract(enc: onnx.ModelProto, dec: onnx.ModelProto, cfg, max_beam: int) -> None:
+    """The graphs' names, dtypes and shapes are exactly docs/model-format.md's tables."""
+    s, p, e, a, h = cfg.image_size, cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim
+    n, k, kp = "batch", "beams", "prev_beams"
+    expected = {
+        "encoder": {"inputs": {"image": ("uint8", [n, s, s, 3])},
+                    "outputs": {"features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a]),
+                                "h0": ("float32", [n, h]), "c0": ("float32", [n, h])}},
+        "decoder_step": {"inputs": {"tokens": ("int64", [n, k]), "origin": ("int64", [n, k]),
+                                    "h": ("float32", [n, kp, h]), "c": ("float32", [n, kp, h]),
+                                    "features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a])},
+                         "outputs": {"h_out": ("float32", [n, k, h]), "c_out": ("float32", [n, k, h]),
+                                     "alpha": ("float32", [n, k, p]), "cand_logp": ("float32", [n, k, max_beam]),
+                                     "cand_ids": ("int64", [n, k, max_beam])}},
+    }
+    for name, graph in (("encoder", enc), ("decoder_step", dec)):
+        got = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in graph_io(graph).items()}
+        want = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in expected[name].items()}
+        if got != want:
+            raise ExportError(f"{name}: exported inputs/outputs {got} differ from the model format {want}")
+
+
+def _write_pair(tmp: Path, files: tuple[str, str], enc: onnx.ModelProto, dec: onnx.ModelProto) -> None:
+    save_onnx(enc, tmp / files[0])
+    save_onnx(dec, tmp / files[1])
+
+
+def _entries(tmp: Path, files: tuple[str, str], precision: str, enc, dec, enc_q: str | None = None,
+             dec_q: str | None = None) -> dict[str, dict]:
+    return {"encoder": graph_entry(tmp, files[0], precision, tensorrt_problems(enc), enc_q),
+            "decoder_step": graph_entry(tmp, files[1], precision, tensorrt_problems(dec), dec_q)}
+
+
+def _parity_failure(report: dict) -> str:
+    worst = max(report["max_rel_diff"].items(), key=lambda kv: kv[1])
+    lines = [f"fp32 parity failed: {report['identical']}/{report['images']} beam-search captions identical to "
+             f"PyTorch, worst relative difference {worst[0]}={worst[1]:.3g}"]
+    for m in report.get("mismatches", [])[:3]:
+        lines.append(f"  {m['image']}: PyTorch '{m['reference']}' vs ONNX '{m['variant']}'")
+    lines.append("Nothing was written (pass force=True / --force to write the model anyway).")
+    return "\n".join(lines)
+
+
+def _reference_captions(model: CaptionModel, vocab: Vocab, parity_set, beam: int, log: Progress) -> list[list[int]]:
+    out = []
+    with log.bar(len(parity_set), "reference") as tick, torch_threads(1):
+        for image in parity_set.images:
+            x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(image[None])))[0]
+            out.append(reference_beam_search(model, x, vocab.start, vocab.end, beam, MAX_STEPS).tokens)
+            tick()
+    return out
+
+
+class _ParityChecker:
+    """Runs numeric + caption parity of one precision variant against the shared PyTorch references."""
+
+    def __init__(self, model, vocab: Vocab, parity_set, reference: list[list[int]], beam: int, log: Progress):
+        self.model, self.vocab, self.set, self.reference, self.beam, self.log = \
+            model, vocab, parity_set, reference, beam, log
+
+    def run(self, precision: str, enc: onnx.ModelProto, dec: onnx.ModelProto, strict: bool) -> dict:
+        timer = Timer()
+        try:
+            # One thread for the step: its ops are small, and the parity decode is a long chain of them.
+            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec.SerializeToString(), threads=1)
+        except Exception as exc:  # e.g. no CPU kernel for an fp16 operator
+            if strict:
+                raise ExportError(f"ONNX Runtime cannot load the {precision} graphs: {exc}") from None
+            reason = f"not measured: needs a GPU (ONNX Runtime's CPU provider cannot run the {precision} graphs: " \
+                     f"{str(exc).splitlines()[0][:200]})"
+            self.log.say(f"{precision} parity {reason}")
+            return not_measured(reason)
+        with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
+            numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
+            with self.log.bar(len(self.set), f"{precision} beam search") as tick:
+                tokens = run_beam_searches(enc_s, dec_s, self.set.images, self.vocab.start, self.vocab.end,
+                                           self.beam, MAX_STEPS, tick)
+            captions = caption_parity(self.reference, tokens, self.vocab.decode, self.set.captions, self.set.names)
+        report = parity_report(numeric, captions, beam_size=self.beam, max_steps=MAX_STEPS, strict=strict,
+                               seconds=timer())
+        self.log.say(f"{precision} parity: {report['identical']}/{report['images']} identical captions, "
+                     f"BLEU-4 change {report['bleu4_change']:+.4f}, passed={report['passed']}")
+        return report
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

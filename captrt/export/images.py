@@ -1,0 +1,132 @@
+"""Image sets for parity and int8 calibration: explicit files, a Karpathy-split dataset, or synthetic.
+
+Every image goes through captrt.runtime.preprocess.load_image, exactly what the runtime will feed
+the encoder, and every failure names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from captrt.export.errors import ExportError
+
+PARITY_SPLITS = ("test", "val")  # parity prefers held-out images ...
+CALIB_SPLITS = ("train", "restval")  # ... calibration prefers training images
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 (N, S, S, 3)
+    names: list[str]
+    captions: list[list[list[str]]] | None = None  # per image, tokenized reference captions (dataset only)
+    source: str = "synthetic"
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def load_file(path: str | Path, size: int) -> np.ndarray:
+    """One image file -> uint8 (size, size, 3), or ExportError naming the file."""
+    from captrt.runtime.preprocess import load_image
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"{p}: image file not found")
+    try:
+        return load_image(p, size)
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"{p}: unreadable image ({exc})") from None
+
+
+def from_files(paths: Sequence[str | Path], size: int) -> ImageSet:
+    if not paths:
+        raise ExportError("parity_images: the list of image files is empty")
+    arrays = [load_file(p, size) for p in paths]
+    return ImageSet(np.stack(arrays), [str(p) for p in paths], None, "files", [str(p) for p in paths])
+
+
+@dataclass
+class DatasetEntry:
+    path: Path
+    split: str
+    captions: list[list[str]]
+
+
+def read_karpathy(json_path: str | Path, root: str | Path | None) -> list[DatasetEntry]:
+    """Entries of a Karpathy-split JSON; an image's file is ROOT/filepath/filename."""
+    jp = Path(json_path)
+    if root is None:
+        raise ExportError(f"{jp}: calibration dataset given without its image root (--images ROOT)")
+    try:
+        with open(jp, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{jp}: cannot read calibration dataset JSON: {exc}") from None
+    items = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ExportError(f"{jp}: expected a Karpathy-split JSON object with a non-empty 'images' list")
+    entries = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+            raise ExportError(f"{jp}: images[{i}]: missing 'filename'")
+        filepath = item.get("filepath", "")
+        if not isinstance(filepath, str):
+            raise ExportError(f"{jp}: images[{i}].filepath: expected a string")
+        captions = []
+        for sentence in item.get("sentences") or []:
+            tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+            if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
+                captions.append(tokens)
+        entries.append(DatasetEntry(Path(root) / filepath / item["filename"], str(item.get("split", "")), captions))
+    return entries
+
+
+def _pick(entries: list[DatasetEntry], splits: tuple[str, ...], count: int,
+          avoid: set[Path] = frozenset()) -> list[DatasetEntry]:
+    """Up to `count` entries, preferred splits first, then the rest (file order inside each group)."""
+    preferred = [e for e in entries if e.split in splits and e.path not in avoid]
+    rest = [e for e in entries if e.split not in splits and e.path not in avoid]
+    return (preferred + rest)[:count]
+
+
+def from_dataset(entries: list[DatasetEntry], splits: tuple[str, ...], count: int, size: int,
+                 avoid: set[Path] = frozenset(), source: str = "dataset") -> ImageSet:
+    chosen = _pick(entries, splits, count, avoid) or _pick(entries, splits, count)
+    arrays = [load_file(e.path, size) for e in chosen]
+    captions = [e.captions for e in chosen]
+    return ImageSet(np.stack(arrays), [str(e.path) for e in chosen],
+                    captions if all(captions) else None, source, [str(e.path) for e in chosen])
+
+
+def synthetic(count: int, size: int, seed: int = 20240) -> ImageSet:
+    """captrt.synth scenes when that module is available, else smooth random images."""
+    try:
+        from captrt.synth import render_scene, sample_scene
+    except ImportError:
+        render_scene = sample_scene = None
+    arrays = []
+    for i in range(count):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+        if render_scene is not None:
+            arrays.append(np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB"), dtype=np.uint8))
+        else:
+            arrays.append(smooth_random_image(rng, size))
+    kind = "synthetic scenes (captrt.synth)" if render_scene is not None else "synthetic smooth random images"
+    return ImageSet(np.stack(arrays), [f"synthetic-{i}" for i in range(count)], None, kind)
+
+
+def smooth_random_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Random 8x8 colour field, bilinearly upsampled: blobs rather than noise."""
+    coarse = rng.uniform(0, 255, size=(8, 8, 3))
+    t = np.linspace(0, 7, size)
+    i0 = np.floor(t).astype(int).clip(0, 6)
+    w = (t - i0)[:, None]
+    rows = coarse[i0] * (1 - w[:, :, None]) + coarse[i0 + 1] * w[:, :, None]  # (size, 8, 3)
+    cols = rows[:, i0] * (1 - w[None, :, :]) + rows[:, i0 + 1] * w[None, :, :]
+    return cols.round().clip(0, 255).astype(np.uint8)

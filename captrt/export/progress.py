@@ -1,0 +1,38 @@
+"""Progress display for the long export steps: stderr lines plus tqdm bars, or nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+class Progress:
+    def __init__(self, enabled: bool = True, prefix: str = "captrt export"):
+        self.enabled = enabled
+        self.prefix = prefix
+        self.t0 = time.perf_counter()
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{self.prefix} {time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def step(self, message: str) -> Iterator[None]:
+        """Announce a step and, when it ends, how long it took."""
+        start = time.perf_counter()
+        self.say(f"{message} ...")
+        yield
+        self.say(f"{message}: done in {time.perf_counter() - start:.1f}s")
+
+    @contextmanager
+    def bar(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
+        """Yield a tick() callable advancing a tqdm bar of `total` items (no-op when disabled)."""
+        if not self.enabled:
+            yield lambda: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+            yield lambda: bar.update(1)
