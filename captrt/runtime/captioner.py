@@ -1,0 +1,180 @@
+"""Captioner: load a model directory once, caption images from any thread.
+
+    cap = Captioner.load("model_dir")                       # ONNX Runtime on the CPU
+    [c] = cap.caption("photo.jpg", beam_size=5)
+    c.text, c.tokens, c.score, c.finished, c.error
+
+A Captioner holds only read-only state (the model directory and the engine's sessions); everything
+a call mutates is local to the call, so one instance may be shared by many threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from captrt.runtime.beam import beam_search
+from captrt.runtime.engines import create_engine
+from captrt.runtime.engines.base import Engine
+from captrt.runtime.model_dir import ModelDir
+from captrt.runtime.preprocess import InvalidImageError, describe_source, load_image
+
+try:  # PIL is a runtime dependency; the check is only for recognising single images
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover
+    _PILImage = None
+
+_SINGLE = (str, os.PathLike, bytes, bytearray, memoryview)
+
+
+@dataclass
+class Caption:
+    """One image's caption.
+
+    text: the words joined by spaces ("" when the image could not be read).
+    tokens: word ids without <start>/<end>. score: cumulative log-probability (incl. <end> when
+    finished; nan on error). attention: float32 (T, grid, grid), T = len(tokens), when asked.
+    error: why the image could not be captioned, else None. finished: False when max_steps ended
+    the search before any hypothesis emitted <end> (the best unfinished one is returned).
+    """
+
+    text: str
+    tokens: list[int]
+    score: float
+    attention: np.ndarray | None = field(default=None, repr=False)
+    error: str | None = None
+    finished: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _as_list(images: Any) -> list[Any]:
+    """A single image (path, bytes, file object, PIL image, (H, W[, C]) array) or many -> list."""
+    if isinstance(images, _SINGLE) or hasattr(images, "read"):
+        return [images]
+    if _PILImage is not None and isinstance(images, _PILImage.Image):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    return [images]  # let load_image name the unsupported type
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> int:
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, np.integer))
+    if wrong_type or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}{hint}, got {value!r}")
+    return int(value)
+
+
+class Captioner:
+    """Captions images with one engine over one model directory. Use Captioner.load()."""
+
+    def __init__(self, model: ModelDir, engine: Engine, *, image_options: dict[str, Any] | None = None):
+        self.model = model
+        self.engine = engine
+        self.vocab = model.vocab
+        self.image_options = dict(image_options or {})
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None, precision: str = "fp32",
+             threads: int | None = None, providers: str | None = None, *, image_formats: Sequence[str] | None = None,
+             max_image_bytes: int | None = None, max_image_pixels: int | None = None,
+             **engine_options: Any) -> "Captioner":
+        """Open MODEL_DIR (captrt.json + graphs) with an engine.
+
+        engine: 'ort' (ONNX Runtime), 'trt' (native TensorRT) or 'torch' (the checkpoint in PyTorch).
+        device: 'cpu' | 'cuda' (default: 'cuda' for engine='trt', else 'cpu').
+        precision: 'fp32' | 'fp16' | 'int8' (a variant the directory holds).
+        threads: intra-op threads (default: all cores). providers: ONNX Runtime only, 'tensorrt' for
+        its TensorRT execution provider (device='cuda'). image_*: limits passed to load_image.
+        Other keyword options go to the engine (e.g. checkpoint= for 'torch', device_id=).
+        Raises ModelDirError (bad directory), ValueError (bad argument), EngineUnavailableError.
+        """
+        if device is None:
+            device = "cuda" if engine == "trt" else "cpu"
+        model = ModelDir.load(Path(model_dir))
+        if providers is not None:
+            if engine != "ort":
+                raise ValueError(f"providers={providers!r} applies to engine='ort' only, not {engine!r}")
+            engine_options["providers"] = providers
+        backend = create_engine(engine, model, device=device, precision=precision, threads=threads, **engine_options)
+        image_options = {k: v for k, v in (("formats", image_formats), ("max_bytes", max_image_bytes),
+                                           ("max_pixels", max_image_pixels)) if v is not None}
+        return cls(model, backend, image_options=image_options)
+
+    @property
+    def provider(self) -> str:
+        """What actually runs: e.g. 'CPUExecutionProvider', 'CUDAExecutionProvider', 'torch:cpu'."""
+        return self.engine.provider
+
+    @property
+    def max_beam(self) -> int:
+        return min(self.model.max_beam, self.engine.max_beam)
+
+    def caption(self, images: Any, beam_size: int = 5, max_steps: int = 50, length_penalty: float = 0.0,
+                return_attention: bool = False, batch_size: int = 16) -> list[Caption]:
+        """Caption one image or many; always returns a list, one Caption per input, in order.
+
+        images: path, bytes, binary file object, PIL image, uint8 array (H, W, 3), a (N, H, W, 3)
+        array, or a list of any of these. An image that cannot be read gets Caption.error and does
+        not stop the others. length_penalty: GNMT alpha applied when choosing among completed
+        hypotheses (0 = raw log-probability, the seed's rule). batch_size: images per engine batch.
+        """
+        beam_size = _check_int("beam_size", beam_size, 1, self.max_beam, f" (the model's max_beam is {self.max_beam})")
+        max_steps = _check_int("max_steps", max_steps, 1)
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if self.engine.max_batch is not None:
+            batch_size = min(batch_size, self.engine.max_batch)
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+                or not math.isfinite(length_penalty) or length_penalty < 0:
+            raise ValueError(f"length_penalty must be a finite number >= 0, got {length_penalty!r}")
+        sources = _as_list(images)
+        out: list[Caption | None] = [None] * len(sources)
+        pixels: list[np.ndarray] = []  # decoded images waiting for a batch: memory stays O(batch_size)
+        where: list[int] = []
+        for i, src in enumerate(sources):
+            try:
+                pixels.append(load_image(src, self.model.image_size, **self.image_options))
+                where.append(i)
+            except InvalidImageError as exc:
+                out[i] = Caption("", [], float("nan"), None, str(exc) or f"{describe_source(src)}: unreadable image", False)
+            if len(pixels) == batch_size or (i == len(sources) - 1 and pixels):
+                self._run(np.stack(pixels), where, out, beam_size, max_steps, float(length_penalty), return_attention)
+                pixels, where = [], []
+        return out  # type: ignore[return-value]
+
+    def _run(self, batch: np.ndarray, where: list[int], out: list, beam_size: int, max_steps: int,
+             length_penalty: float, return_attention: bool) -> None:
+        results = beam_search(self.engine, batch, start=self.vocab.start, end=self.vocab.end,
+                              vocab_size=len(self.vocab), beam_size=beam_size, max_steps=max_steps,
+                              length_penalty=length_penalty, return_attention=return_attention)
+        g = self.model.grid
+        for i, r in zip(where, results):
+            attention = r.alphas.reshape(len(r.tokens), g, g) if r.alphas is not None else None
+            out[i] = Caption(self.text(r.tokens), r.tokens, r.score, attention, None, r.finished)
+
+    def text(self, tokens: Iterable[int]) -> str:
+        return " ".join(self.vocab.decode(tokens))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "Captioner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Captioner({str(self.model.path)!r}, engine={self.engine.name!r}, provider={self.provider!r}, "
+                f"precision={self.engine.precision!r})")

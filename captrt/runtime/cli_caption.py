@@ -1,0 +1,171 @@
+"""The library function behind `captrt caption`: files in, one caption per line (or JSON lines) out.
+
+    caption_files(["photos/", "*.jpg", "x.png"], "model_dir", json_lines=True)
+
+Directories and glob patterns expand to image files (common extensions, sorted); images go to the
+Captioner in batches; a progress line goes to stderr when it is a terminal; unreadable images are
+reported (stderr, or the JSON line's "error") without stopping the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+_GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """-> (image paths in order, problems). A directory gives its image files (not recursive);
+    a pattern gives its matching image files (`**` recurses); a plain path is kept as given."""
+    files: list[str] = []
+    problems: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{item}: directory holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif _GLOB_CHARS & set(item) and not os.path.exists(item):
+            found = sorted(p for p in glob.glob(item, recursive=True)
+                           if os.path.isfile(p) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{item}: pattern matches no images")
+            files.extend(found)
+        else:
+            files.append(item)  # a missing or unreadable file is reported per image, with its error
+    return files, problems
+
+
+class _Progress:
+    """A one-line progress meter on stderr (tqdm is not a runtime dependency)."""
+
+    def __init__(self, total: int, stream: TextIO, enabled: bool):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or self.done == self.total):
+            rate = self.done / max(now - self.start, 1e-9)
+            self.stream.write(f"\rcaptrt: {self.done}/{self.total} images ({rate:.1f} img/s)")
+            self.stream.flush()
+            self.last = now
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _attention_name(path: str, used: set[str]) -> str:
+    stem = Path(path).stem or "image"
+    name, i = f"{stem}.png", 1
+    while name in used:  # same file name from two directories: keep both
+        name, i = f"{stem}-{i}.png", i + 1
+    used.add(name)
+    return name
+
+
+def _json_line(path: str, cap: Any) -> str:
+    if cap.error is not None:
+        record = {"image": path, "caption": None, "tokens": [], "score": None, "finished": False, "error": cap.error}
+    else:
+        score = cap.score if math.isfinite(cap.score) else None
+        record = {"image": path, "caption": cap.text, "tokens": cap.tokens, "score": score,
+                  "finished": cap.finished, "error": None}
+    return json.dumps(record, ensure_ascii=False)
+
+
+def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None,
+                  precision: str = "fp32", beam: int = 5, batch: int = 16, json_lines: bool = False,
+                  attention_dir: str | os.PathLike | None = None, max_steps: int = 50, out: TextIO | None = None,
+                  *, threads: int | None = None, providers: str | None = None, length_penalty: float = 0.0,
+                  progress: bool | None = None, err: TextIO | None = None) -> int:
+    """Caption image files; returns the exit code: 0 all captioned, 1 some images failed, 2 bad usage
+    (no images, bad model directory, unavailable engine, bad option).
+
+    Prints `path<TAB>caption` per image to `out` (errors to `err`), or with json_lines one
+    {"image", "caption", "tokens", "score", "finished", "error"} object per image (errors included).
+    attention_dir: write one seed-style attention PNG per captioned image there (needs matplotlib).
+    device None: 'cuda' for engine='trt', else 'cpu'. progress None: shown when `err` is a terminal.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+
+    def complain(message: str) -> None:
+        err.write(f"captrt: {message}\n")
+        err.flush()
+
+    files, problems = expand_inputs(list(inputs))
+    for p in problems:
+        complain(p)
+    if not files:
+        complain("no images to caption")
+        return EXIT_USAGE
+    from captrt.runtime.captioner import Captioner
+
+    try:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        captioner = Captioner.load(model_dir, engine=engine, device=device, precision=precision,
+                                   threads=threads, providers=providers)
+    except (ModelDirError, EngineUnavailableError, ValueError) as exc:
+        complain(str(exc))
+        return EXIT_USAGE
+    failed = len(problems)
+    plot_dir = Path(attention_dir) if attention_dir is not None else None
+    used_names: set[str] = set()
+    bar = _Progress(len(files), err, err.isatty() if progress is None else progress)
+    try:
+        for s in range(0, len(files), batch):
+            chunk = files[s:s + batch]
+            try:
+                caps = captioner.caption(chunk, beam_size=beam, max_steps=max_steps, length_penalty=length_penalty,
+                                         return_attention=plot_dir is not None, batch_size=batch)
+            except ValueError as exc:  # bad beam/max_steps/length_penalty: same for every batch
+                bar.close()
+                complain(str(exc))
+                return EXIT_USAGE
+            for path, cap in zip(chunk, caps):
+                if cap.error is not None:
+                    failed += 1
+                    if not json_lines:
+                        complain(cap.error)
+                if json_lines:
+                    out.write(_json_line(path, cap) + "\n")
+                elif cap.error is None:
+                    out.write(f"{path}\t{cap.text}\n")
+                if plot_dir is not None and cap.error is None:
+                    failed += _plot(captioner, path, cap, plot_dir / _attention_name(path, used_names), complain)
+            out.flush()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        captioner.close()
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _plot(captioner: Any, path: str, cap: Any, target: Path, complain) -> int:
+    from captrt.runtime.attention_plot import plot_attention
+    from captrt.runtime.preprocess import InvalidImageError, load_image
+
+    try:
+        image = load_image(path, captioner.model.image_size, **captioner.image_options)
+        words = [captioner.vocab.id2word[t] for t in cap.tokens]
+        plot_attention(image, words, cap.attention, target)
+    except (InvalidImageError, OSError, RuntimeError) as exc:  # e.g. the file changed, or no matplotlib
+        complain(f"{path}: attention plot not written: {exc}")
+        return 1
+    return 0

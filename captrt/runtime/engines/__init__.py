@@ -1,0 +1,51 @@
+"""Engine registry: engines are imported lazily, so `import captrt.runtime` never pulls tensorrt or torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
+from captrt.runtime.errors import EngineUnavailableError
+
+if TYPE_CHECKING:
+    from captrt.runtime.model_dir import ModelDir
+
+__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "DecodeState", "Engine", "StepOutput", "create_engine"]
+
+# engine name -> (module, class name)
+_REGISTRY = {
+    "ort": ("captrt.runtime.engines.ort", "OrtEngine"),
+    "trt": ("captrt.runtime.engines.trt", "TrtEngine"),
+    "torch": ("captrt.runtime.engines.torch_engine", "TorchEngine"),
+}
+
+_INSTALL_HINT = {
+    "trt": "the TensorRT engine needs an NVIDIA GPU with CUDA, the `tensorrt` Python package "
+           "(pip install tensorrt) and the CUDA Python bindings (pip install cuda-python)",
+    "torch": "the torch engine needs PyTorch: pip install 'captrt[train]'",
+}
+
+
+def create_engine(name: str, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
+                  threads: int | None = None, **options: Any) -> Engine:
+    """Build engine `name` for `model`. Unknown names/devices/precisions are ValueErrors; a backend
+    that cannot run here is an EngineUnavailableError saying what to install."""
+    if name not in _REGISTRY:
+        raise ValueError(f"engine: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if device not in DEVICES:
+        raise ValueError(f"device: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+    module_name, cls_name = _REGISTRY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = _INSTALL_HINT.get(name, "")
+        raise EngineUnavailableError(f"engine {name!r} is not available: {exc}. {hint}".strip()) from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise EngineUnavailableError(f"engine {name!r} is not available: {module_name} has no {cls_name}")
+    return cls(model, device=device, precision=precision, threads=threads, **options)

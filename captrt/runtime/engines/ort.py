@@ -1,0 +1,214 @@
+"""ONNX Runtime engine: CPU, CUDA (IO binding keeps the decoding state on the GPU) and the TensorRT EP.
+
+The graphs are loaded from the verified bytes of the model directory (sha256 checked, external data
+refused: see model_dir.read_graph). The provider that actually runs is reported, and a GPU request
+that ORT would silently serve on the CPU is an error instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
+from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+if TYPE_CHECKING:
+    from captrt.runtime.model_dir import ModelDir
+
+ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
+DECODER_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
+DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass
+class HostState(DecodeState):
+    """Decoding state in host memory: features (N, P, E), att_proj (N, P, A), h/c (N, K, H)."""
+
+    features: np.ndarray | None = None
+    att_proj: np.ndarray | None = None
+    h: np.ndarray | None = None
+    c: np.ndarray | None = None
+
+
+def session_options(threads: int | None, log_level: int = 3) -> ort.SessionOptions:
+    """Options chosen for this workload: one graph at a time, fixed-shape steps, explicit threads."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # fusions + blocked conv layout
+    so.intra_op_num_threads = threads or os.cpu_count() or 1  # explicit: ORT's default can oversubscribe
+    so.inter_op_num_threads = 1  # the graphs are chains: nothing to run in parallel
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True  # the step repeats with the same shapes: reuse its allocation plan
+    so.log_severity_level = log_level  # errors only; the provider check below replaces EP warnings
+    return so
+
+
+def tensorrt_options(model: "ModelDir", precision: str, max_batch: int, opt_batch: int,
+                     opt_beam: int) -> dict[str, dict[str, Any]]:
+    """TensorRT EP options per graph: engine + timing cache under MODEL_DIR/cache and explicit
+    optimization profiles over batch and beam, so the shrinking batch never triggers a rebuild."""
+    cache = model.cache_dir() / f"ort-trt-{precision}"
+    cache.mkdir(exist_ok=True)
+    s, p, h = model.image_size, model.num_pixels, model.dims["decoder_dim"]
+    e, a, c = model.dims["encoder_dim"], model.dims["attention_dim"], model.max_beam
+
+    def shapes(n: int, k: int, k_prev: int) -> dict[str, str]:
+        return {"encoder": f"image:{n}x{s}x{s}x3",
+                "decoder_step": ",".join([f"tokens:{n}x{k}", f"origin:{n}x{k}", f"h:{n}x{k_prev}x{h}",
+                                          f"c:{n}x{k_prev}x{h}", f"features:{n}x{p}x{e}", f"att_proj:{n}x{p}x{a}"])}
+
+    opt_batch, opt_beam = min(opt_batch, max_batch), min(opt_beam, c)
+    lo, opt, hi = shapes(1, 1, 1), shapes(opt_batch, opt_beam, opt_beam), shapes(max_batch, c, c)
+    common = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+              "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
+    return {g: {**common, "trt_profile_min_shapes": lo[g], "trt_profile_opt_shapes": opt[g],
+                "trt_profile_max_shapes": hi[g]} for g in ("encoder", "decoder_step")}
+
+
+class _Closed:
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("this Captioner/engine was closed")
+
+
+class OrtEngine(Engine):
+    """ONNX Runtime. Options: providers ('cpu' | 'cuda' | 'tensorrt'; default from device),
+    device_id (0), max_batch / opt_batch / opt_beam (TensorRT profiles), log_level (3),
+    io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast)."""
+
+    name = "ort"
+
+    def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
+                 threads: int | None = None, providers: str | None = None, device_id: int = 0,
+                 max_batch: int = 32, opt_batch: int = 8, opt_beam: int = 5, log_level: int = 3,
+                 io_binding: bool | None = None, **options: Any):
+        if options:
+            raise ValueError(f"engine 'ort': unknown option(s) {sorted(options)}")
+        super().__init__(model, device=device, precision=precision, threads=threads)
+        kind = providers or device
+        if kind not in _PROVIDER_NAMES:
+            raise ValueError(f"providers: expected 'cpu', 'cuda' or 'tensorrt', got {providers!r}")
+        if kind != "cpu" and device != "cuda":
+            raise ValueError(f"providers={kind!r} runs on the GPU: pass device='cuda'")
+        if kind == "cpu" and device == "cuda":
+            raise ValueError("providers='cpu' contradicts device='cuda'")
+        self.kind = kind
+        self.device_id = device_id
+        self.max_batch = max_batch if kind == "tensorrt" else None  # the TensorRT profiles' limit
+        # TensorRT builds its own fp16/int8 kernels from the fp32 graph (trt_fp16_enable); int8 needs the QDQ graph.
+        variant = "fp32" if kind == "tensorrt" and precision == "fp16" else precision
+        model.require_precision(variant)
+        so = session_options(threads, log_level)
+        for name, value in (("max_batch", max_batch), ("opt_batch", opt_batch), ("opt_beam", opt_beam)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        trt = tensorrt_options(model, precision, max_batch, opt_batch, opt_beam) if kind == "tensorrt" else None
+        self.encoder = self._session(model, variant, "encoder", so, trt)
+        self.decoder = self._session(model, variant, "decoder_step", so, trt)
+        self._check_io()
+        self._provider = self.decoder.get_providers()[0]
+        self._cuda = None
+        if io_binding if io_binding is not None else kind != "cpu":
+            from captrt.runtime.engines.ort_cuda import CudaBinding
+
+            self._cuda = CudaBinding(self.encoder, self.decoder, device_id, "cpu" if kind == "cpu" else "cuda")
+
+    def _session(self, model: "ModelDir", variant: str, graph: str, so: ort.SessionOptions,
+                 trt: dict[str, dict[str, Any]] | None) -> ort.InferenceSession:
+        data = model.read_graph(variant, graph)
+        if self.kind == "cpu":
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+            providers = [("TensorrtExecutionProvider", {"device_id": self.device_id, **trt[graph]}), cuda] if trt else [cuda]
+        path = model.graph_path(variant, graph)
+        try:
+            session = ort.InferenceSession(data, sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            if self.kind != "cpu":
+                raise EngineUnavailableError(f"{path}: ONNX Runtime could not create a {self.kind} session: {exc}") from None
+            raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
+        wanted = _PROVIDER_NAMES[self.kind]
+        actual = session.get_providers()[0]
+        if actual != wanted:
+            # ORT falls back to the CPU with only a log line; running 50x slower unannounced is worse than failing.
+            raise EngineUnavailableError(
+                f"device='cuda' requested {wanted}, but ONNX Runtime could only start {actual} "
+                f"(available: {', '.join(ort.get_available_providers())}). Check that an NVIDIA GPU and driver are "
+                "present and that CUDA 12/13 + cuDNN 9 libraries (and TensorRT for providers='tensorrt') are installed "
+                "(pip install 'onnxruntime-gpu[cuda,cudnn]'), or use device='cpu'.")
+        return session
+
+    def _check_io(self) -> None:
+        enc_in = [i.name for i in self.encoder.get_inputs()]
+        enc_out = {o.name for o in self.encoder.get_outputs()}
+        dec_in = {i.name for i in self.decoder.get_inputs()}
+        dec_out = {o.name for o in self.decoder.get_outputs()}
+        problems = []
+        if enc_in != ["image"]:
+            problems.append(f"encoder inputs {enc_in} (expected ['image'])")
+        for have, want, what in ((enc_out, ENCODER_OUTPUTS, "encoder outputs"),
+                                 (dec_in, DECODER_INPUTS, "decoder_step inputs"),
+                                 (dec_out, DECODER_OUTPUTS, "decoder_step outputs")):
+            missing = [n for n in want if n not in have]
+            if missing:
+                problems.append(f"{what} lack {missing}")
+        if problems:
+            raise ModelDirError(f"{self.model.path}: graphs do not follow the captrt format: {'; '.join(problems)}")
+        cand = next(o for o in self.decoder.get_outputs() if o.name == "cand_logp")
+        c = cand.shape[-1] if cand.shape else None
+        if isinstance(c, int) and c != self.model.max_beam:
+            raise ModelDirError(f"{self.model.graph_path(self.precision, 'decoder_step')}: returns {c} candidates "
+                                f"per beam but captrt.json max_beam is {self.model.max_beam}")
+
+    @property
+    def provider(self) -> str:
+        return self._provider
+
+    # -- host path (CPU) ---------------------------------------------------------------------------
+    def encode(self, images: np.ndarray) -> DecodeState:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if self._cuda is not None:
+            return self._cuda.encode(images)
+        features, att_proj, h0, c0 = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
+        n = images.shape[0]
+        return HostState(batch=n, beams=1, features=features, att_proj=att_proj,
+                         h=h0.reshape(n, 1, -1), c=c0.reshape(n, 1, -1))
+
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        origin = np.ascontiguousarray(origin, dtype=np.int64)
+        if self._cuda is not None:
+            return self._cuda.step(state, tokens, origin, want_alpha)
+        assert isinstance(state, HostState)
+        feeds = {"tokens": tokens, "origin": origin, "h": state.h, "c": state.c,
+                 "features": state.features, "att_proj": state.att_proj}
+        h, c, alpha, cand_logp, cand_ids = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+        state.h, state.c, state.beams = h, c, tokens.shape[1]
+        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None)
+
+    def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
+        if self._cuda is not None:
+            return self._cuda.select(state, rows)
+        assert isinstance(state, HostState)
+        state.features, state.att_proj = state.features[rows], state.att_proj[rows]
+        state.h, state.c, state.batch = state.h[rows], state.c[rows], len(rows)
+        return state
+
+    def release(self, state: DecodeState) -> None:
+        if self._cuda is not None:
+            self._cuda.release(state)
+
+    def close(self) -> None:
+        # Drop the sessions (their memory goes with them); calls after close fail with a clear message.
+        self.encoder = self.decoder = self._cuda = _Closed()  # type: ignore[assignment]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.kind, "io_binding": self._cuda is not None,
+                "intra_op_num_threads": self.threads or os.cpu_count()}

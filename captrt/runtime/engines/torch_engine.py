@@ -1,0 +1,130 @@
+"""The PyTorch engine: the checkpoint's own modules under the same batched beam search.
+
+Needs captrt[train] (torch, torchvision). The checkpoint comes from `checkpoint=` or from the model
+directory's captrt.json `source.checkpoint` (relative names are looked up in the model directory,
+then beside it), and must match `source.checkpoint_sha256` when the manifest records one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
+from captrt.runtime.engines.torch_step import EncoderGraph, StepGraph
+from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+if TYPE_CHECKING:
+    from captrt.runtime.model_dir import ModelDir
+
+
+@dataclass
+class TorchState(DecodeState):
+    features: torch.Tensor | None = None
+    att_proj: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_checkpoint(model: "ModelDir", checkpoint: str | Path | None) -> Path:
+    """The checkpoint to run: explicit, else the manifest's source.checkpoint (checked by sha256)."""
+    source = model.manifest.get("source") if isinstance(model.manifest.get("source"), dict) else {}
+    expected = source.get("checkpoint_sha256")
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelDirError(f"{path}: no such checkpoint file (checkpoint=)")
+    else:
+        name = source.get("checkpoint")
+        if not isinstance(name, str) or not name:
+            raise ModelDirError(f"{model.manifest_path}: no source.checkpoint recorded; pass checkpoint=PATH")
+        given = Path(name)
+        candidates = [given] if given.is_absolute() else [model.path / given, model.path.parent / given]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ModelDirError(f"{model.manifest_path}: source checkpoint {name!r} not found (looked at "
+                                f"{', '.join(str(p) for p in candidates)}); pass checkpoint=PATH")
+    if isinstance(expected, str) and expected:
+        actual = _sha256(path)
+        if actual != expected.lower():
+            raise ModelDirError(f"{path}: sha256 {actual} differs from captrt.json source.checkpoint_sha256 "
+                                f"{expected}: not the checkpoint this model directory was exported from")
+    return path
+
+
+class TorchEngine(Engine):
+    """PyTorch eager. Options: checkpoint (path). precision fp32 only."""
+
+    name = "torch"
+
+    def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
+                 threads: int | None = None, checkpoint: str | Path | None = None, **options: Any):
+        if options:
+            raise ValueError(f"engine 'torch': unknown option(s) {sorted(options)}")
+        super().__init__(model, device=device, precision=precision, threads=threads)
+        if precision != "fp32":
+            raise ValueError(f"engine 'torch' runs fp32 only (the checkpoint's weights), not {precision!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineUnavailableError("engine 'torch' with device='cuda': PyTorch sees no CUDA GPU "
+                                         "(install a CUDA build of torch and check the driver), or use device='cpu'")
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide in PyTorch: set only when asked
+        from captrt.train.checkpoint import CheckpointError, load_checkpoint
+
+        path = find_checkpoint(model, checkpoint)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ModelDirError(str(exc)) from None
+        if ckpt.vocab != model.vocab:
+            raise ModelDirError(f"{path}: its vocabulary differs from {model.path / 'vocab.json'}")
+        if ckpt.config.enc_size != model.grid:
+            raise ModelDirError(f"{path}: enc_size {ckpt.config.enc_size} differs from captrt.json grid {model.grid}")
+        self.checkpoint = path
+        self._device = torch.device(device)
+        net = ckpt.build_model(self._device)
+        self._encoder = EncoderGraph(net).eval()
+        self._step = StepGraph(net, model.max_beam).eval()
+
+    @property
+    def provider(self) -> str:
+        return f"torch:{self._device.type}"
+
+    def encode(self, images: np.ndarray) -> DecodeState:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self._device)
+            features, att_proj, h0, c0 = self._encoder(x)
+        n = images.shape[0]
+        return TorchState(batch=n, beams=1, features=features, att_proj=att_proj, h=h0.unsqueeze(1), c=c0.unsqueeze(1))
+
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+        assert isinstance(state, TorchState)
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self._device)
+            o = torch.from_numpy(np.ascontiguousarray(origin, dtype=np.int64)).to(self._device)
+            h, c, alpha, logp, ids = self._step(t, o, state.h, state.c, state.features, state.att_proj)
+        state.h, state.c, state.beams = h, c, tokens.shape[1]
+        return StepOutput(logp.cpu().numpy(), ids.cpu().numpy(), alpha.cpu().numpy() if want_alpha else None)
+
+    def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
+        assert isinstance(state, TorchState)
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self._device)
+        state.features, state.att_proj = state.features[idx], state.att_proj[idx]
+        state.h, state.c, state.batch = state.h[idx], state.c[idx], len(rows)
+        return state
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "checkpoint": str(self.checkpoint)}

@@ -1,0 +1,399 @@
+"""What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`),
+optimization profiles, the local engine cache, building engines from the ONNX graphs, and checking
+them against the model format. Profiles, cache keys and the cache store are pure Python.
+
+Serialized engines are executable artifacts: they are built on this machine, and a cached one is
+deserialized only if its sidecar holds exactly the requested key (graph sha256, TensorRT version,
+compute capability, precision, profile, settings) and an HMAC made with a secret that never leaves
+this machine, so a model directory copied from elsewhere with a `cache/` inside rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from captrt.atomic import atomic_path
+from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+log = logging.getLogger("captrt.runtime.trt")
+
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+
+# Tensor names of docs/model-format.md (repeated here: captrt.export imports torch).
+GRAPH_INPUTS = {"encoder": ("image",), "decoder_step": ("tokens", "origin", "h", "c", "features", "att_proj")}
+GRAPH_OUTPUTS = {"encoder": ("features", "att_proj", "h0", "c0"),
+                 "decoder_step": ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")}
+
+CACHE_FORMAT = "captrt-trt-cache"
+CACHE_VERSION = 1
+
+
+INSTALL_HINT = ("engine 'trt' needs NVIDIA TensorRT 10 and a CUDA GPU: pip install tensorrt-cu12 cuda-python "
+                "(from NVIDIA's index), or use --engine ort")
+_LOGGER: Any = None
+_LOGGER_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------- backend loading
+
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def _err_name(cudart: Any, err: Any) -> str:
+    try:
+        name = cudart.cudaGetErrorName(err)[1]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return str(err)
+
+
+def cuda_call(cudart: Any, result: Any, what: str) -> Any:
+    """Unpack a cuda-python (err, *values) tuple; raise RuntimeError naming the call on failure."""
+    err, rest = result[0], result[1:]
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA {what} failed: {_err_name(cudart, err)}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+def cuda_device_problem(cudart: Any) -> str | None:
+    """Why no CUDA GPU can be used here, or None when at least one is visible."""
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess:
+        return f"no usable CUDA GPU (cudaGetDeviceCount: {_err_name(cudart, err)})"
+    if count < 1:
+        return "no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def load_backend() -> tuple[Any, Any]:
+    """(tensorrt, cudart) or EngineUnavailableError listing everything that is missing."""
+    problems: list[str] = []
+    trt = cudart = None
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:
+        problems.append(f"the tensorrt package cannot be imported ({exc})")
+    else:
+        if int(str(trt.__version__).split(".")[0]) < 10:
+            problems.append(f"TensorRT {trt.__version__} is too old (10.x needed)")
+    try:
+        cudart = _import_cudart()
+    except (ImportError, OSError) as exc:
+        problems.append(f"the CUDA Python bindings cannot be imported ({exc})")
+    else:
+        why = cuda_device_problem(cudart)
+        if why:
+            problems.append(why)
+    if problems:
+        raise EngineUnavailableError(f"{INSTALL_HINT} (missing here: {'; '.join(problems)})")
+    return trt, cudart
+
+
+def trt_logger(trt: Any) -> Any:
+    """One TensorRT logger for every builder and runtime of the process."""
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            _LOGGER = trt.Logger(trt.Logger.WARNING)
+        return _LOGGER
+
+
+# ---------------------------------------------------------------- optimization profiles
+
+def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attention_dim: int, decoder_dim: int,
+                   max_beam: int, max_batch: int, opt_batch: int | None = None,
+                   opt_beam: int | None = None) -> dict[str, Profile]:
+    """One optimization profile per graph, covering batch 1..max_batch and beam 1..max_beam.
+
+    encoder:      image (N, S, S, 3)
+    decoder_step: tokens/origin (N, K), h/c (N, K_prev, H), features (N, P, E), att_proj (N, P, A);
+                  K and K_prev range independently over 1..max_beam (K_prev = 1 at the first step).
+    opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width).
+    """
+    sizes = dict(image_size=image_size, num_pixels=num_pixels, encoder_dim=encoder_dim, attention_dim=attention_dim,
+                 decoder_dim=decoder_dim, max_beam=max_beam, max_batch=max_batch)
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    ob = min(8, max_batch) if opt_batch is None else opt_batch
+    ok = min(5, max_beam) if opt_beam is None else opt_beam
+    if not isinstance(ob, int) or not 1 <= ob <= max_batch:
+        raise ValueError(f"opt_batch: expected an integer in 1..max_batch={max_batch}, got {opt_batch!r}")
+    if not isinstance(ok, int) or not 1 <= ok <= max_beam:
+        raise ValueError(f"opt_beam: expected an integer in 1..max_beam={max_beam}, got {opt_beam!r}")
+
+    def dyn(*tail: int, beam: bool = False) -> tuple[Shape, Shape, Shape]:
+        if beam:
+            return (1, 1, *tail), (ob, ok, *tail), (max_batch, max_beam, *tail)
+        return (1, *tail), (ob, *tail), (max_batch, *tail)
+
+    p = num_pixels
+    return {"encoder": {"image": dyn(image_size, image_size, 3)},
+            "decoder_step": {"tokens": dyn(beam=True), "origin": dyn(beam=True), "h": dyn(decoder_dim, beam=True),
+                             "c": dyn(decoder_dim, beam=True), "features": dyn(p, encoder_dim),
+                             "att_proj": dyn(p, attention_dim)}}
+
+
+def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = None,
+                       opt_beam: int | None = None) -> dict[str, Profile]:
+    """graph_profiles() with the dimensions of a captrt.runtime.model_dir.ModelDir."""
+    d = model.dims
+    return graph_profiles(image_size=model.image_size, num_pixels=model.num_pixels, encoder_dim=d["encoder_dim"],
+                          attention_dim=d["attention_dim"], decoder_dim=d["decoder_dim"], max_beam=model.max_beam,
+                          max_batch=max_batch, opt_batch=opt_batch, opt_beam=opt_beam)
+
+
+# ---------------------------------------------------------------- cache keys
+
+def _canonical(obj: Any) -> str:
+    """JSON with sorted keys and tuples as lists: equal keys always serialize to equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def cache_key(*, graph: str, graph_sha256: str, precision: str, trt_version: str, compute_capability: str,
+              profile: Profile, build: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything an engine depends on. `build` holds builder settings (typing, flags, workspace)."""
+    return {"graph": graph, "graph_sha256": graph_sha256.lower(), "precision": precision, "tensorrt": trt_version,
+            "compute_capability": compute_capability, "build": dict(build),
+            "profile": {name: [list(s) for s in shapes] for name, shapes in sorted(profile.items())}}
+
+
+def cache_name(key: Mapping[str, Any]) -> str:
+    """File stem of an engine: the sha256 of the canonical key (the sidecar holds the key itself)."""
+    return hashlib.sha256(_canonical(key).encode("utf-8")).hexdigest()[:40]
+
+
+def local_secret(path: Path | None = None) -> bytes:
+    """The machine-local HMAC secret (created once, mode 0600) that marks cache entries as built here.
+
+    Default location: $XDG_CACHE_HOME/captrt/trt-cache.key (~/.cache/...). When it cannot be read or
+    created, a per-process secret is returned: caching then only works within this process.
+    """
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "captrt" / "trt-cache.key"
+    for _ in range(2):
+        try:
+            data = path.read_bytes()
+            if len(data) >= 32:
+                return data
+            break  # too short: damaged, or another process is writing it right now
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return _process_secret(path, exc)
+        try:  # O_EXCL: exactly one process creates the secret, the others read it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            return _process_secret(path, exc)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return _process_secret(path, "unreadable or too short")
+
+
+def _process_secret(path: Path, why: object) -> bytes:
+    log.warning("cannot keep a TensorRT cache secret at %s (%s): engines will be rebuilt in every process",
+                path, why)
+    return secrets.token_bytes(32)
+
+
+class SignedCache:
+    """NAME.bin + NAME.json in one directory; a blob is returned only if the sidecar vouches for it.
+
+    The sidecar holds the full key, the blob's sha256 and an HMAC over both with `secret`.
+    """
+
+    def __init__(self, directory: Path, secret: bytes):
+        self.directory = Path(directory)
+        self._secret = secret
+
+    def _mac(self, key: Mapping[str, Any], blob_sha: str) -> str:
+        return hmac.new(self._secret, (_canonical(key) + "\n" + blob_sha).encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.bin", self.directory / f"{name}.json"
+
+    def load(self, name: str, key: Mapping[str, Any]) -> bytes | None:
+        """The blob stored under `name` for exactly `key`, or None (missing, stale, foreign or damaged)."""
+        blob_path, side_path = self.paths(name)
+        try:
+            side = json.loads(side_path.read_text(encoding="utf-8"))
+            blob = blob_path.read_bytes()
+        except (OSError, ValueError):
+            return None
+        if not isinstance(side, dict) or side.get("format") != CACHE_FORMAT or side.get("version") != CACHE_VERSION:
+            return None
+        if _canonical(side.get("key")) != _canonical(key):
+            log.info("%s: built for a different key; rebuilding", side_path)
+            return None
+        blob_sha = hashlib.sha256(blob).hexdigest()
+        if side.get("blob_sha256") != blob_sha:
+            log.warning("%s: does not match its sidecar (modified or half-written); rebuilding", blob_path)
+            return None
+        if not hmac.compare_digest(str(side.get("hmac", "")), self._mac(key, blob_sha)):
+            log.warning("%s: not built on this machine (cache secret differs); refusing to load it", blob_path)
+            return None
+        return blob
+
+    def store(self, name: str, key: Mapping[str, Any], blob: bytes) -> None:
+        """Write blob then sidecar, each atomically (a sidecar paired with another writer's blob fails
+        its sha256 check in load)."""
+        blob_path, side_path = self.paths(name)
+        blob_sha = hashlib.sha256(blob).hexdigest()
+        side = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "blob_sha256": blob_sha,
+                "size": len(blob), "hmac": self._mac(key, blob_sha)}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(blob_path) as tmp:
+            tmp.write_bytes(blob)
+        with atomic_path(side_path) as tmp:
+            tmp.write_text(json.dumps(side, indent=1, sort_keys=True), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- building (needs tensorrt)
+
+def _check_inputs(source: str, found: Mapping[str, Shape], profile: Profile) -> None:
+    """The graph's inputs must be exactly the profile's, with fixed dims equal to the manifest's."""
+    if set(found) != set(profile):
+        raise ModelDirError(f"{source}: inputs {sorted(found)} differ from the model format's {sorted(profile)}")
+    for name, dims in found.items():
+        want = profile[name][2]
+        if len(dims) != len(want) or any(d != -1 and d != w for d, w in zip(dims, want)):
+            raise ModelDirError(f"{source}: input {name!r} has shape {list(dims)}, which does not fit "
+                                f"{list(want)} from captrt.json (-1 is dynamic)")
+
+
+def build_serialized_engine(trt: Any, logger: Any, onnx_bytes: bytes, *, source: str, profile: Profile,
+                            strongly_typed: bool, fp16: bool, workspace_bytes: int,
+                            timing_cache: bytes | None) -> tuple[bytes, bytes | None]:
+    """Parse ONNX and build one engine with one optimization profile. Returns (engine, timing cache).
+
+    strongly_typed: the graph's own types decide every precision (fp16/QDQ-int8 variants, and fp32);
+    TensorRT's docs ask for strong typing with explicit (Q/DQ) quantization and forbid precision flags
+    with it. fp16 (weak typing only): TensorRT may pick fp16 kernels per layer.
+    API (TensorRT 10 Python docs / samples): Builder.create_network(flags), OnnxParser.parse,
+    create_builder_config, set_memory_pool_limit(MemoryPoolType.WORKSPACE), create_optimization_profile,
+    set_shape(name, min, opt, max), add_optimization_profile, create_timing_cache / set_timing_cache /
+    get_timing_cache().serialize(), build_serialized_network (None on failure).
+    """
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        shown = "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else "")
+        raise EngineUnavailableError(f"{source}: TensorRT {trt.__version__} cannot parse this graph ({shown}); "
+                                     "try another --precision or use --engine ort")
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    _check_inputs(source, {t.name: tuple(t.shape) for t in inputs}, profile)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if fp16 and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.items():
+        opt.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(opt)
+    cache = None
+    try:  # a damaged timing cache only costs build time: start from an empty one
+        cache = config.create_timing_cache(timing_cache) if timing_cache else None
+    except Exception as exc:
+        log.warning("%s: ignoring an unreadable timing cache (%s)", source, exc)
+    # ignore_mismatch=False: entries from another GPU or TensorRT version are not applied.
+    config.set_timing_cache(cache or config.create_timing_cache(b""), ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineUnavailableError(f"{source}: TensorRT {trt.__version__} failed to build an engine "
+                                     "(see the TensorRT log above); try another --precision or --engine ort")
+    new_cache = config.get_timing_cache()
+    cache_bytes = bytes(memoryview(new_cache.serialize())) if new_cache is not None else None
+    return bytes(memoryview(serialized)), cache_bytes
+
+
+def load_or_build_engine(trt: Any, runtime: Any, cache: SignedCache | None, model: Any, graph: str, *,
+                         source_precision: str, key: dict[str, Any], profile: Profile,
+                         build: Mapping[str, Any]) -> tuple[Any, str]:
+    """(ICudaEngine, "cached" | "built"): a verified cache entry for `key`, else a fresh local build
+    (stored in the cache together with the updated timing cache)."""
+    name = cache_name(key)
+    blob = cache.load(name, key) if cache else None
+    if blob is not None:
+        engine = runtime.deserialize_cuda_engine(blob)
+        if engine is not None:
+            return engine, "cached"
+        log.warning("cached TensorRT engine %s did not deserialize; rebuilding", name)
+    source = str(model.graph_path(source_precision, graph))
+    onnx = model.read_graph(source_precision, graph)  # sha256-checked bytes, external data refused
+    log.info("building the TensorRT engine for %s; this takes a while once, then it is cached", source)
+    tkey = {"kind": "timing-cache", "tensorrt": key["tensorrt"], "compute_capability": key["compute_capability"]}
+    tname = "timing-" + cache_name(tkey)[:16]
+    blob, timing = build_serialized_engine(
+        trt, trt_logger(trt), onnx, source=source, profile=profile, strongly_typed=build["strongly_typed"],
+        fp16=build["fp16_flag"], workspace_bytes=build["workspace_bytes"],
+        timing_cache=cache.load(tname, tkey) if cache else None)
+    try:
+        if cache:
+            cache.store(name, key, blob)
+            if timing:
+                cache.store(tname, tkey, timing)
+    except OSError as exc:  # the engine is built: run it, just uncached
+        log.warning("cannot write the TensorRT cache in %s: %s", cache.directory, exc)
+    engine = runtime.deserialize_cuda_engine(blob)
+    if engine is None:
+        raise EngineUnavailableError(f"{source}: TensorRT could not deserialize the engine it just built")
+    return engine, "built"
+
+
+IoTable = dict[str, tuple[bool, Any, tuple[int, ...]]]  # name -> (is_input, numpy dtype, shape, -1 = dynamic)
+
+
+def engine_io(trt: Any, engine: Any) -> IoTable:
+    """An engine's I/O tensors. Dtypes are the engine's own (TopK indices may be int32, not int64)."""
+    table: IoTable = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        kind = engine.get_tensor_dtype(name)
+        try:  # some 10.x releases' trt.nptype has no int64 entry
+            dtype = np.dtype(np.int64 if kind == getattr(trt, "int64", object()) else trt.nptype(kind))
+        except TypeError:
+            raise EngineUnavailableError(f"TensorRT tensor {name!r} has dtype {kind}, which numpy cannot hold; "
+                                         "use another --precision") from None
+        table[name] = (engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT, dtype,
+                       tuple(engine.get_tensor_shape(name)))
+    return table
+
+
+def check_engine_io(io: Mapping[str, IoTable], max_beam: int) -> None:
+    """Names as in the model format; buffers shared by two tensors agree on dtype; C == max_beam."""
+    for graph, table in io.items():
+        ins = {n for n, v in table.items() if v[0]}
+        if ins != set(GRAPH_INPUTS[graph]) or set(table) - ins != set(GRAPH_OUTPUTS[graph]):
+            raise ModelDirError(f"{graph}: TensorRT engine has I/O {sorted(table)}, not the model format's")
+    enc, dec = io["encoder"], io["decoder_step"]
+    for a, b, c in (("features", "features", None), ("att_proj", "att_proj", None),
+                    ("h0", "h", "h_out"), ("c0", "c", "c_out")):
+        kinds = {enc[a][1], dec[b][1]} | ({dec[c][1]} if c else set())
+        if len(kinds) != 1:  # one device buffer is written as one tensor and read as the other
+            raise ModelDirError(f"encoder {a} / decoder_step {b}: dtypes differ {sorted(map(str, kinds))}")
+    shape = dec["cand_logp"][2]  # -1 = decided at run time (step() checks it via get_tensor_shape)
+    if len(shape) != 3 or shape[-1] not in (-1, max_beam):
+        raise ModelDirError(f"decoder_step: cand_logp has shape {shape}; expected (N, K, C = max_beam = {max_beam})")

@@ -1,0 +1,222 @@
+"""Read and validate a model directory (docs/model-format.md, format version 1).
+
+`ModelDir.load` checks the manifest, the vocabulary and that every listed graph file exists;
+`read_graph` returns a graph's bytes after checking its sha256 and refusing external data, so the
+bytes that were verified are exactly the bytes the engine loads (no check-then-open race).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captrt.runtime.errors import ModelDirError
+from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
+from captrt.vocab import Vocab
+
+FORMAT = "captrt-model"
+FORMAT_VERSION = 1
+MANIFEST = "captrt.json"
+GRAPHS = ("encoder", "decoder_step")
+_MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelDirError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class ModelDir:
+    """A validated model directory. Fields mirror captrt.json; `manifest` keeps the whole dict."""
+
+    path: Path
+    manifest: dict[str, Any]
+    vocab: Vocab
+    grid: int
+    max_beam: int
+    max_steps: int
+    image_size: int
+    dims: dict[str, int]  # the manifest's "model" integers: encoder_dim, decoder_dim, vocab_size, ...
+    graphs: dict[str, dict[str, dict[str, str]]]  # precision -> graph -> {"file", "sha256"}
+    _verified: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(self.graphs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def source_checkpoint(self) -> Path | None:
+        """The checkpoint the graphs were exported from (relative paths resolve against the directory)."""
+        src = self.manifest.get("source") or {}
+        ckpt = src.get("checkpoint") if isinstance(src, dict) else None
+        if not isinstance(ckpt, str) or not ckpt:
+            return None
+        p = Path(ckpt)
+        return p if p.is_absolute() else self.path / p
+
+    def cache_dir(self, create: bool = True) -> Path:
+        """MODEL_DIR/cache: TensorRT engines and timing caches (built locally, never shipped)."""
+        d = self.path / "cache"
+        if create:
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise ModelDirError(f"{d}: cannot create the engine cache directory: {exc}") from None
+        return d
+
+    def require_precision(self, precision: str) -> None:
+        if precision not in self.graphs:
+            raise ModelDirError(
+                f"{self.manifest_path}: precision {precision!r} was not exported; this directory has "
+                f"{', '.join(self.precisions)} (re-export with --{precision} to add it)")
+
+    def graph_path(self, precision: str, graph: str) -> Path:
+        """Path of `graph` ('encoder' | 'decoder_step') for `precision` (not yet verified: see read_graph)."""
+        self.require_precision(precision)
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+        return self.path / self.graphs[precision][graph]["file"]
+
+    def read_graph(self, precision: str, graph: str) -> bytes:
+        """The graph's bytes, after checking its sha256 against the manifest and refusing external data."""
+        path = self.graph_path(precision, graph)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelDirError(f"{path}: cannot read graph: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        expected = self.graphs[precision][graph]["sha256"].lower()
+        if digest != expected:
+            raise ModelDirError(f"{path}: sha256 {digest} does not match captrt.json ({expected}); "
+                                "the file was modified or corrupted: re-export the model")
+        with self._lock:
+            checked = self._verified.get((precision, graph)) == digest
+        if not checked:
+            self._check_graph(path, data, graph)
+            with self._lock:
+                self._verified[(precision, graph)] = digest
+        return data
+
+    def _check_graph(self, path: Path, data: bytes, graph: str) -> None:
+        try:
+            summary = scan_model(data)
+        except OnnxParseError as exc:
+            raise ModelDirError(f"{path}: not a valid ONNX model ({exc})") from None
+        external = summary.external_tensors
+        if external:
+            shown = ", ".join(external[:5]) + (" ..." if len(external) > 5 else "")
+            raise ModelDirError(f"{path}: refers to external data ({shown}); captrt model directories hold "
+                                "self-contained graphs only (external data paths are a known attack vector)")
+        if graph == "decoder_step":
+            rows = embedding_rows(summary)
+            if rows is not None and rows != self.vocab_size:
+                raise ModelDirError(f"{path}: the graph's vocabulary has {rows} words but vocab.json has "
+                                    f"{self.vocab_size}: vocab.json does not belong to this graph")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelDir":
+        """Read MODEL_DIR/captrt.json and vocab.json; every problem is a ModelDirError naming the file/field."""
+        root = Path(path)
+        if not root.exists():
+            raise ModelDirError(f"{root}: no such model directory")
+        if not root.is_dir():
+            raise ModelDirError(f"{root}: not a directory (expected a model directory from `captrt export`)")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise ModelDirError(f"{mpath}: missing; {root} is not a captrt model directory "
+                                "(create one with `captrt export`)")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelDirError(f"{mpath}: unreadable manifest: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise ModelDirError(f"{mpath}: expected a JSON object")
+        if manifest.get("format") != FORMAT:
+            raise ModelDirError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelDirError(f"{mpath}: format_version {version!r} is not supported (this captrt reads "
+                                f"{FORMAT_VERSION}); use a matching captrt version or re-export the model")
+        return cls._from_manifest(root, mpath, manifest)
+
+    @classmethod
+    def _from_manifest(cls, root: Path, mpath: Path, manifest: dict[str, Any]) -> "ModelDir":
+        model = manifest.get("model")
+        if not isinstance(model, dict):
+            raise ModelDirError(f"{mpath}: 'model' must be an object")
+        dims = {k: _positive_int(model.get(k), f"{mpath}: model.{k}") for k in _MODEL_INT_FIELDS}
+        grid = _positive_int(manifest.get("grid"), f"{mpath}: grid")
+        max_beam = _positive_int(manifest.get("max_beam"), f"{mpath}: max_beam")
+        max_steps = _positive_int(manifest.get("max_steps", 50), f"{mpath}: max_steps")
+        if grid != dims["enc_size"]:
+            raise ModelDirError(f"{mpath}: grid {grid} differs from model.enc_size {dims['enc_size']}")
+        vocab = cls._load_vocab(root, mpath, manifest, dims["vocab_size"])
+        graphs = cls._graphs(root, mpath, manifest)
+        return cls(root, manifest, vocab, grid, max_beam, max_steps, dims["image_size"], dims, graphs)
+
+    @staticmethod
+    def _load_vocab(root: Path, mpath: Path, manifest: dict[str, Any], model_v: int) -> Vocab:
+        spec = manifest.get("vocab")
+        if not isinstance(spec, dict):
+            raise ModelDirError(f"{mpath}: 'vocab' must be an object")
+        name = spec.get("file", "vocab.json")
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ModelDirError(f"{mpath}: vocab.file must be a plain file name inside the directory, got {name!r}")
+        vpath = root / name
+        try:
+            vocab = Vocab.load(vpath)
+        except ValueError as exc:
+            raise ModelDirError(str(exc)) from None
+        size = spec.get("size")
+        if size != len(vocab):
+            raise ModelDirError(f"{vpath}: has {len(vocab)} words but captrt.json vocab.size is {size!r}")
+        if model_v != len(vocab):
+            raise ModelDirError(f"{vpath}: has {len(vocab)} words but captrt.json model.vocab_size is {model_v}")
+        for key in ("pad", "unk", "start", "end"):
+            if key in spec and spec[key] != getattr(vocab, key):
+                raise ModelDirError(f"{vpath}: <{key}> has id {getattr(vocab, key)} but captrt.json "
+                                    f"vocab.{key} is {spec[key]!r}")
+        return vocab
+
+    @staticmethod
+    def _graphs(root: Path, mpath: Path, manifest: dict[str, Any]) -> dict[str, dict[str, dict[str, str]]]:
+        graphs = manifest.get("graphs")
+        if not isinstance(graphs, dict) or not graphs:
+            raise ModelDirError(f"{mpath}: 'graphs' must be a non-empty object (precision -> graphs)")
+        out: dict[str, dict[str, dict[str, str]]] = {}
+        for precision, entry in graphs.items():
+            if not isinstance(entry, dict):
+                raise ModelDirError(f"{mpath}: graphs.{precision} must be an object")
+            out[precision] = {}
+            for graph in GRAPHS:
+                spec = entry.get(graph)
+                where = f"{mpath}: graphs.{precision}.{graph}"
+                if not (isinstance(spec, dict) and isinstance(spec.get("file"), str)
+                        and isinstance(spec.get("sha256"), str)):
+                    raise ModelDirError(f"{where} must be {{'file': ..., 'sha256': ...}}")
+                name = spec["file"]
+                if Path(name).name != name or name in ("", ".", ".."):
+                    raise ModelDirError(f"{where}.file must be a plain file name inside the directory, got {name!r}")
+                if not (root / name).is_file():
+                    raise ModelDirError(f"{root / name}: missing (listed in captrt.json graphs.{precision}.{graph})")
+                out[precision][graph] = {"file": name, "sha256": spec["sha256"]}
+        return out

@@ -1,0 +1,114 @@
+"""The IO-binding path of the ORT engine (state kept in OrtValues between steps).
+
+On the GPU it keeps h/c/features/att_proj on the device. Its logic (pointer views for contiguous
+row runs, re-uploads otherwise, h0 reshaped in place) is run here on the CPU with the same code
+(io_binding=True); the CUDA and TensorRT-EP tests skip unless a GPU is usable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from captrt.runtime import Captioner
+from captrt.runtime.engines.ort_cuda import DeviceTensor
+from tests.conftest import random_images
+
+
+def _cuda_usable() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+gpu = pytest.mark.skipif(not _cuda_usable(), reason="needs an NVIDIA GPU with the CUDA driver")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(12, seed=17)
+
+
+def test_device_tensor_rows_views_and_copies():
+    base = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    t = DeviceTensor.wrap(ort.OrtValue.ortvalue_from_numpy(base.copy(), "cpu", 0))
+    view = t.rows(np.array([1, 2, 3]), "cpu", 0)
+    assert view.owner is t.owner and view.offset == 6 and view.shape == (3, 2, 3)  # no copy
+    np.testing.assert_array_equal(view.to_host(), base[1:4])
+    np.testing.assert_array_equal(view.rows(np.array([1, 2]), "cpu", 0).to_host(), base[2:4])  # view of a view
+    copy = t.rows(np.array([0, 2, 4]), "cpu", 0)
+    assert copy.owner is not t.owner and copy.offset == 0
+    np.testing.assert_array_equal(copy.to_host(), base[[0, 2, 4]])
+    flat = t.reshape(5, 6)
+    np.testing.assert_array_equal(flat.to_host(), base.reshape(5, 6))
+
+
+@pytest.mark.parametrize("beam,batch", [(1, 12), (3, 5), (5, 4), (10, 12)])
+def test_io_binding_matches_plain_run(varied_model_dir, images, beam, batch):
+    plain = Captioner.load(varied_model_dir, threads=1)
+    bound = Captioner.load(varied_model_dir, threads=1, io_binding=True)
+    assert bound.engine.describe()["io_binding"] and not plain.engine.describe()["io_binding"]
+    a = plain.caption(images, beam_size=beam, batch_size=batch, return_attention=True)
+    b = bound.caption(images, beam_size=beam, batch_size=batch, return_attention=True)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.score == y.score
+        np.testing.assert_array_equal(x.attention, y.attention)
+    # Without attention the alpha output stays on the "device" and is never copied down.
+    assert [c.tokens for c in bound.caption(images, beam_size=beam, batch_size=batch)] == [c.tokens for c in a]
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_matches_cpu(varied_model_dir, images):
+    cpu = Captioner.load(varied_model_dir)
+    cuda = Captioner.load(varied_model_dir, device="cuda")
+    assert cuda.provider == "CUDAExecutionProvider"
+    for beam in (1, 5, 10):
+        a = cpu.caption(images, beam_size=beam, batch_size=4)
+        b = cuda.caption(images, beam_size=beam, batch_size=4)
+        assert sum(x.tokens == y.tokens for x, y in zip(a, b)) >= len(images) - 1
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_execution_provider(varied_model_dir, images):
+    try:
+        cap = Captioner.load(varied_model_dir, device="cuda", providers="tensorrt")
+    except Exception as exc:  # noqa: BLE001 - TensorRT libraries missing: nothing to test
+        pytest.skip(f"TensorRT EP unavailable: {exc}")
+    assert cap.provider == "TensorrtExecutionProvider"
+    cpu = Captioner.load(varied_model_dir)
+    a = cpu.caption(images, beam_size=5, batch_size=4)
+    b = cap.caption(images, beam_size=5, batch_size=4)
+    assert sum(x.tokens == y.tokens for x, y in zip(a, b)) >= len(images) - 1
+    assert any((varied_model_dir / "cache").rglob("*"))  # engines cached under MODEL_DIR/cache
+
+
+def test_tensorrt_ep_options(varied_model_dir, tmp_path):
+    """Profiles cover batch 1..max_batch and beam 1..max_beam for every input; caches under MODEL_DIR/cache."""
+    import shutil
+
+    from captrt.runtime.engines.ort import tensorrt_options
+    from captrt.runtime.model_dir import ModelDir
+
+    shutil.copytree(varied_model_dir, tmp_path / "m")
+    md = ModelDir.load(tmp_path / "m")
+    opts = tensorrt_options(md, "fp16", max_batch=16, opt_batch=8, opt_beam=5)
+    enc, dec = opts["encoder"], opts["decoder_step"]
+    assert enc["trt_profile_min_shapes"] == "image:1x256x256x3"
+    assert enc["trt_profile_max_shapes"] == "image:16x256x256x3"
+    h, p, e, a = md.dims["decoder_dim"], md.num_pixels, md.dims["encoder_dim"], md.dims["attention_dim"]
+    assert dec["trt_profile_min_shapes"] == f"tokens:1x1,origin:1x1,h:1x1x{h},c:1x1x{h},features:1x{p}x{e},att_proj:1x{p}x{a}"
+    assert dec["trt_profile_opt_shapes"].startswith("tokens:8x5,origin:8x5,h:8x5x")
+    assert dec["trt_profile_max_shapes"].startswith("tokens:16x10,origin:16x10,h:16x10x")
+    for o in (enc, dec):
+        assert o["trt_fp16_enable"] is True and o["trt_int8_enable"] is False
+        assert o["trt_engine_cache_enable"] and o["trt_timing_cache_enable"]
+        assert o["trt_engine_cache_path"] == str(tmp_path / "m" / "cache" / "ort-trt-fp16")
+    assert (tmp_path / "m" / "cache" / "ort-trt-fp16").is_dir()
