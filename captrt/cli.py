@@ -142,6 +142,55 @@ def export(checkpoint: Path = typer.Argument(...),
 
 
 @app.command()
+def caption(images: List[str] = typer.Argument(..., help="image files, directories or globs"),
+            model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
+            engine: str = typer.Option("ort", "--engine", help="ort | trt | torch"),
+            device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
+            precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+            beam: int = typer.Option(5, "--beam"),
+            batch: int = typer.Option(16, "--batch", help="images per batch"),
+            max_steps: int = typer.Option(50, "--max-steps"),
+            length_penalty: float = typer.Option(0.0, "--length-penalty", help="GNMT alpha; 0 = the seed's raw score"),
+            json_lines: bool = typer.Option(False, "--json", help="one JSON object per image"),
+            attention: Optional[Path] = typer.Option(None, "--attention", help="write one attention PNG per image here"),
+            threads: Optional[int] = typer.Option(None, "--threads"),
+            providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, comma list")):
+    """Caption images with the torch-free runtime; one line per image (tab-separated path and caption)."""
+    from captrt.runtime.cli_caption import caption_files
+
+    code = caption_files(images, model, engine=engine, device=device, precision=precision, beam=beam, batch=batch,
+                         json_lines=json_lines, attention_dir=attention, max_steps=max_steps, threads=threads,
+                         providers=providers, length_penalty=length_penalty)
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
+          engine: str = typer.Option("ort,torch,reference", "--engine", help="comma list: ort, trt, torch, reference"),
+          precision: str = typer.Option("fp32", "--precision", help="comma list: fp32, fp16, int8"),
+          device: str = typer.Option("cpu", "--device"),
+          batch: str = typer.Option("1,8", "--batch", help="comma list of batch sizes"),
+          beam: str = typer.Option("1,5", "--beam", help="comma list of beam widths"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="force this many decoding steps (ignore <end>)"),
+          warmup: int = typer.Option(2, "--warmup"),
+          iters: int = typer.Option(10, "--iters"),
+          max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="time budget per configuration"),
+          threads: Optional[int] = typer.Option(None, "--threads"),
+          images: Optional[Path] = typer.Option(None, "--images", help="image directory or Karpathy JSON"),
+          checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="for torch/reference"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON")):
+    """Latency and throughput per engine, precision, batch and beam, beside the PyTorch reference."""
+    from captrt.bench.bench import run_bench
+
+    try:
+        run_bench(model, engines=engine, precisions=precision, device=device, batches=batch, beams=beam, steps=steps,
+                  warmup=warmup, iters=iters, max_seconds=max_seconds, threads=threads, images=images,
+                  checkpoint=checkpoint, json_out=json_out)
+    except KNOWN_ERRORS as exc:
+        _fail(exc)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "-o", "--out"),
          images: int = typer.Option(1600, "--images"),
          epochs: int = typer.Option(6, "--epochs")):

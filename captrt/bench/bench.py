@@ -1,0 +1,264 @@
+"""run_bench: latency, throughput and memory of every engine x precision x batch x beam on one model.
+
+Per configuration: encoder latency, decoder-step latency, end-to-end latency per batch and per image
+(p50/p90/p99 over `iters` timed runs after `warmup` untimed ones), images per second, peak RSS and
+the provider that actually ran. With `steps` every search runs exactly that many steps (see
+runners.FORCE_END); without it, real decoding of real images (`images`, else synthetic scenes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from captrt.bench.bandwidth import DEFAULT_MB, floor_ms, measure_read_bandwidth, step_weight_bytes
+from captrt.bench.images import load_images
+from captrt.bench.machine import library_versions, machine_info
+from captrt.bench.measure import PeakRss, summarize
+from captrt.bench.report import format_table, write_json
+from captrt.bench.runners import make_runner
+from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
+from captrt.runtime.errors import EngineUnavailableError
+from captrt.runtime.model_dir import ModelDir
+
+BENCH_ENGINES = (*ENGINES, "reference")
+CHECKPOINT_ENGINES = ("torch", "reference")  # run the checkpoint's fp32 weights whatever --precision says
+MIN_ITERS_IN_BUDGET = 3
+
+
+def parse_list(value: str | int | Iterable[Any] | None, name: str, kind: type = str) -> list[Any]:
+    """'ort,torch' / '1,8' / [1, 8] / 5 -> a list without duplicates; bad items are a ValueError naming `name`."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        items = [s.strip() for s in str(value).split(",")]
+    else:
+        items = list(value)
+    out: list[Any] = []
+    for item in items:
+        if item == "":
+            raise ValueError(f"{name}: empty item in {value!r}")
+        if kind is int:
+            try:
+                item = int(item)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected integers separated by commas, got {value!r}") from None
+            if item < 1:
+                raise ValueError(f"{name}: values must be >= 1, got {item}")
+        if item not in out:
+            out.append(item)
+    if not out:
+        raise ValueError(f"{name}: nothing given")
+    return out
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_names(engines: Sequence[str], precisions: Sequence[str]) -> None:
+    for e in engines:
+        if e not in BENCH_ENGINES:
+            raise ValueError(f"engine: unknown engine {e!r}; choose from {', '.join(BENCH_ENGINES)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+
+
+def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str]) -> list[tuple[str, str]]:
+    """(engine, precision) pairs to run, validated against the model directory."""
+    check_names(engines, precisions)
+    pairs: list[tuple[str, str]] = []
+    for e in engines:
+        if e in CHECKPOINT_ENGINES:
+            pairs.append((e, "fp32"))
+            continue
+        for p in precisions:
+            if e == "ort":
+                model.require_precision(p)  # names the directory and what it has
+            pairs.append((e, p))
+    return pairs
+
+
+def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precisions: str | Sequence[str] = "fp32",
+              device: str = "cpu", batches: str | Sequence[int] = "1", beams: str | Sequence[int] = "5",
+              steps: int | None = None, warmup: int = 2, iters: int = 10, json_out: str | Path | None = None,
+              checkpoint: str | Path | None = None, threads: int | None = None,
+              images: str | Path | np.ndarray | None = None, max_seconds: float | None = None,
+              bandwidth_mb: int = DEFAULT_MB, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+    """Benchmark the model directory `model`; returns the report (also written to `json_out` if given).
+
+    engines: ort, trt, torch (the runtime's engines) and reference (the seed's per-image search on the
+    source checkpoint). torch and reference always run fp32. batches/beams: comma lists or sequences.
+    steps: force exactly this many decoding steps (None: real decoding up to the model's max_steps).
+    threads: intra-op threads for every engine (default: all usable cores). images: a directory of
+    images or a Karpathy-split JSON (test split), or a uint8 (M, S, S, 3) array; default synthetic scenes.
+    max_seconds: per configuration, stop timing after this long once MIN_ITERS_IN_BUDGET runs are in.
+    Bad arguments raise ValueError (ModelDirError for the directory) naming the flag or file.
+    """
+    engine_list = parse_list(engines, "engine")
+    precision_list = parse_list(precisions, "precision")
+    batch_list = parse_list(batches, "batch", int)
+    beam_list = parse_list(beams, "beam", int)
+    check_names(engine_list, precision_list)
+    if device not in DEVICES:
+        raise ValueError(f"device: unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if steps is not None:
+        steps = _check_count("steps", steps, 1)
+    warmup, iters = _check_count("warmup", warmup, 0), _check_count("iters", iters, 1)
+    if threads is not None:
+        threads = _check_count("threads", threads, 1)
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds: expected a positive number, got {max_seconds!r}")
+    if json_out is not None and Path(json_out).is_dir():
+        raise ValueError(f"json: {json_out} is a directory; give a file name")
+    mdir = ModelDir.load(model)  # ModelDirError: missing directory, bad manifest, ...
+    too_wide = [b for b in beam_list if b > mdir.max_beam]
+    if too_wide:
+        raise ValueError(f"beam: {max(too_wide)} exceeds max_beam {mdir.max_beam} of {mdir.manifest_path} "
+                         f"(re-export with --max-beam {max(too_wide)} for wider beams)")
+    pairs = plan_configs(mdir, engine_list, precision_list)
+    threads = threads or _default_threads()
+    log = _logger(progress)
+
+    pool = load_images(images, mdir.image_size, count=max(max(batch_list), 8))
+    log(f"model {mdir.path}: {mdir.manifest.get('model', {}).get('backbone', '?')}, grid {mdir.grid}, "
+        f"vocabulary {mdir.vocab_size}, max_beam {mdir.max_beam}; {len(pool)} images ({pool.source})")
+    floor = _floor(mdir, {p for e, p in pairs if e not in ("reference",)}, device, threads, bandwidth_mb, log)
+    report: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "versions": library_versions(),
+        "model": {"path": str(mdir.path), **mdir.manifest.get("model", {}), "grid": mdir.grid,
+                  "max_beam": mdir.max_beam, "max_steps": mdir.max_steps},
+        "settings": {"engines": engine_list, "precisions": precision_list, "device": device, "batches": batch_list,
+                     "beams": beam_list, "steps": steps, "warmup": warmup, "iters": iters, "threads": threads,
+                     "images": pool.source, "max_seconds": max_seconds},
+        "floor": floor, "results": [], "skipped": [],
+    }
+    for engine, precision in pairs:
+        try:
+            runner = make_runner(engine, mdir, precision=precision, device=device, threads=threads,
+                                 checkpoint=checkpoint)
+        except EngineUnavailableError as exc:
+            log(f"skipping {engine} {precision}: {exc}")
+            report["skipped"].append({"engine": engine, "precision": precision, "reason": str(exc)})
+            continue
+        try:
+            for batch in batch_list:
+                for beam in beam_list:
+                    rec = _measure(runner, pool.images, batch, beam, steps, warmup, iters, max_seconds, device)
+                    _attach_floor(rec, floor, device)
+                    report["results"].append(rec)
+                    e2e = rec["e2e_ms"]["per_batch"]["p50"]
+                    log(f"{engine} {precision} batch {batch} beam {beam}: e2e p50 {e2e:.1f} ms, "
+                        f"{rec['images_per_s']:.2f} img/s")
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+    if not report["results"]:
+        raise EngineUnavailableError("no configuration could run: " + "; ".join(s["reason"] for s in report["skipped"]))
+    report["machine"]["load_average_end"] = machine_info()["load_average"]
+    if json_out is not None:
+        write_json(report, json_out)
+    if print_table:
+        print(format_table(report), flush=True)
+    return report
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _logger(enabled: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if enabled:
+            print(f"[captrt bench] {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def _floor(mdir: ModelDir, precisions: set[str], device: str, threads: int, bandwidth_mb: int,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    """Read bandwidth (host memory) and each precision's decoder_step weight bytes -> floor_ms."""
+    if device != "cpu":
+        return {"note": "not computed on device='cuda' (the floor is for host-memory reads)", "precisions": {}}
+    counts = sorted({1, threads})
+    log(f"measuring read bandwidth ({bandwidth_mb} MB, {', '.join(map(str, counts))} thread(s))")
+    bw = measure_read_bandwidth(bandwidth_mb, counts)
+    gbps = bw[threads].gbps
+    out: dict[str, Any] = {"bandwidth_gbps": {str(t): round(b.gbps, 2) for t, b in bw.items()},
+                           "bandwidth_method": f"numpy max-reduce over {bandwidth_mb} MB, one chunk per thread, "
+                                               "best of 5",
+                           "bandwidth_threads_used": threads, "precisions": {}}
+    for p in sorted(precisions | {"fp32"}):
+        if p not in mdir.graphs:
+            continue
+        try:
+            wb = step_weight_bytes(mdir.read_graph(p, "decoder_step"))
+        except RuntimeError as exc:  # onnx missing
+            out["precisions"][p] = {"floor_ms": None, "note": str(exc)}
+            continue
+        out["precisions"][p] = {"weight_bytes": wb.total, "read_bytes": wb.read, "gathered_bytes": wb.gathered,
+                                "bandwidth_gbps": round(gbps, 2), "threads": threads,
+                                "floor_ms": round(floor_ms(wb.read, gbps), 4)}
+    return out
+
+
+def _attach_floor(rec: dict[str, Any], floor: dict[str, Any], device: str) -> None:
+    f = (floor.get("precisions") or {}).get(rec["precision"]) or {}
+    step = rec["step_ms"].get("p50")
+    fl = f.get("floor_ms")
+    rec["floor_ms"] = fl
+    rec["floor_ratio"] = round(step / fl, 3) if fl and step is not None and device == "cpu" else None
+
+
+def _measure(runner, pool: np.ndarray, batch: int, beam: int, steps: int | None, warmup: int, iters: int,
+             max_seconds: float | None, device: str) -> dict[str, Any]:
+    """Warm up, then time up to `iters` end-to-end runs of one (batch, beam) configuration."""
+    from captrt.bench.measure import now_ms
+
+    def take(i: int) -> np.ndarray:  # batch i of a cyclic walk through the image pool
+        idx = (np.arange(batch) + i * batch) % len(pool)
+        return np.ascontiguousarray(pool[idx])
+
+    gc.collect()
+    samples = []
+    with PeakRss() as rss:
+        for i in range(warmup):
+            runner.run(take(i), beam, steps)
+        started = now_ms()
+        for i in range(iters):
+            samples.append(runner.run(take(warmup + i), beam, steps))
+            spent = now_ms() - started
+            if max_seconds is not None and len(samples) >= MIN_ITERS_IN_BUDGET and spent > max_seconds * 1e3:
+                break
+        seed_steps = runner.seed_step_ms(take(0), beam, min(warmup, 2), max(3 * len(samples), 5))
+    e2e = [s.e2e_ms for s in samples]
+    step_ms = seed_steps if seed_steps is not None else [t for s in samples for t in s.step_ms]
+    first = [t for s in samples for t in s.first_step_ms]
+    per_image = [n for s in samples for n in s.steps_per_image]
+    return {
+        "engine": runner.name, "precision": runner.precision, "device": device if runner.name != "reference" else "cpu",
+        "provider": runner.provider, "batch": batch, "beam": beam, "steps": steps,
+        "steps_mean": round(float(np.mean(per_image)), 2) if per_image else None,
+        "iters": len(samples), "warmup": warmup,
+        "encoder_ms": summarize([s.encoder_ms for s in samples]),
+        "step_ms": summarize(step_ms),
+        "step_timing": "seed step (decoder.step recomputing att_proj + log_softmax + topk) for each image of the batch"
+                       if seed_steps is not None else "engine.step calls inside the search, steps 2..T",
+        "first_step_ms": summarize(first),
+        "e2e_ms": {"per_batch": summarize(e2e), "per_image": summarize([t / batch for t in e2e])},
+        "images_per_s": round(batch * 1e3 / float(np.median(e2e)), 3),
+        "peak_rss_mb": rss.mb, "peak_rss_scope": rss.scope,
+    }

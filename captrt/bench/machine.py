@@ -1,0 +1,76 @@
+"""What the numbers were measured on: CPU, cores, memory, load, library versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("captrt", "numpy", "onnxruntime-gpu", "onnxruntime", "onnx", "torch", "torchvision", "tensorrt")
+
+
+def cpu_model() -> str:
+    """The 'model name' of /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features that matter for int8/fp32 speed (AVX2, AVX-512, VNNI, AMX), when listed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+    return [f for f in wanted if f in flags]
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (the affinity mask), not the host's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": usable_cores(), "logical_cpus": os.cpu_count(),
+            "memory_gb": memory_gb(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "load_average": load_average()}
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide the speed (missing ones left out)."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
