@@ -85,7 +85,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
             f"{p}: not a captrt checkpoint (it holds pickled objects: {str(exc).splitlines()[0][:200]}). "
             "If it comes from the seed notebook or the sgrvinod tutorial, convert it with `captrt convert`."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError) as exc:  # torch.load on junk raises any of these
         raise CheckpointError(f"{p}: unreadable or truncated checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     return checkpoint_from_dict(data, str(p))
 

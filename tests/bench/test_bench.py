@@ -173,3 +173,21 @@ def test_unavailable_engine_is_skipped_with_its_reason(tiny_model):
         pytest.skip("TensorRT runs on this machine")
     assert [s["engine"] for s in report["skipped"]] == ["trt"]
     assert report["skipped"][0]["reason"]
+
+
+def test_captrt_bench_command(tiny_model, tmp_path):
+    """The typer command passes its comma lists and flags to run_bench and writes --json."""
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+
+    out = tmp_path / "cli.json"
+    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_model), "--engine", "ort", "--precision", "fp32,int8",
+                                   "--batch", "2", "--beam", "1,3", "--steps", "2", "--warmup", "0", "--iters", "1",
+                                   "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["precision"], r["batch"], r["beam"]) for r in rows) == [
+        ("fp32", 2, 1), ("fp32", 2, 3), ("int8", 2, 1), ("int8", 2, 3)]
+    bad = CliRunner().invoke(app, ["bench", "--model", str(tiny_model), "--beam", "0"])
+    assert bad.exit_code == 2 and "beam" in bad.output and "Traceback" not in bad.output

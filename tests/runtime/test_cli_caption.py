@@ -126,3 +126,28 @@ def test_plot_attention_checks_shapes(tmp_path):
         plot_attention(img, ["a", "b"], np.zeros((3, 4, 4)), tmp_path / "x.png")
     path = plot_attention(img, ["a", "b"], np.full((2, 4, 4), 1 / 16, np.float32), tmp_path / "x.png")
     assert path.is_file() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_captrt_caption_command(varied_model_dir, photo_dir, expected, tmp_path):
+    """The typer command wires its flags through to caption_files: --json, --beam, --attention."""
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+
+    img = photo_dir / "img0.png"
+    res = CliRunner().invoke(app, ["caption", str(img), "--model", str(varied_model_dir), "--beam", "3", "--json",
+                                   "--threads", "1", "--attention", str(tmp_path / "att")])
+    assert res.exit_code == EXIT_OK, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["tokens"] == expected[str(img)].tokens
+    assert len(list((tmp_path / "att").glob("*.png"))) == 1
+
+
+def test_captrt_caption_command_bad_model(tmp_path, photo_dir):
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+
+    res = CliRunner().invoke(app, ["caption", str(photo_dir / "img0.png"), "--model", str(tmp_path / "nowhere")])
+    assert res.exit_code == EXIT_USAGE
+    assert "nowhere" in res.output and "Traceback" not in res.output

@@ -99,6 +99,14 @@ def test_checkpoint_errors(tmp_path):
     torch.save(data, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="vocabulary has .* but config.vocab_size"):
         load_checkpoint(tmp_path / "mismatch.pt")
+    # junk in many shapes: every one a CheckpointError naming the file, never a raw exception
+    raw = good.read_bytes()
+    for i, junk in enumerate([b"", b"hello", raw[:100], raw[: len(raw) // 2], bytes(reversed(raw[:4000])),
+                              b"PK\x03\x04" + os.urandom(2000)]):
+        bad = tmp_path / f"junk{i}.pt"
+        bad.write_bytes(junk)
+        with pytest.raises(CheckpointError, match=f"junk{i}.pt"):
+            load_checkpoint(bad)
 
 
 def test_atomic_save_survives_a_crash_mid_save(tmp_path):
