@@ -95,8 +95,11 @@ def machine_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | None, b_note: str, quick: bool,
-                  argv: list[str], plot: Path | None) -> None:
+                  argv: list[str], plot: Path | None, profiles: list | None = None,
+                  analysis: Path | None = None) -> None:
+    """analysis: a hand-written Markdown file (benchmarks/ANALYSIS.md) appended after the measured facts."""
     from captrt.atomic import atomic_write_text
+    from captrt.bench.profile import format_profile
     from captrt.bench.report import floor_lines, format_markdown
     from captrt.bench.targets import analysis_facts, evaluate_targets
 
@@ -131,8 +134,14 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
         out += [f"![latency vs batch and beam]({plot.name})", ""]
     facts = analysis_facts(a, targets)
     if facts:
-        out += ["## Analysis", "", "Measured facts for the missed targets (p50s from the run above):", "", *facts, "",
-                "Profiler analysis: to be added.", ""]
+        out += ["## Analysis", "", "Measured facts for the missed targets (p50s from the run above):", "", *facts, ""]
+    if profiles:
+        out += ["## Profile (ONNX Runtime's profiler, suite (a) model, mean per run)", "",
+                "Encoder at batch 1, decoder step at batch 1, beam 5; per operator type, the largest first. "
+                "`session.run` is the wall time of one call, `kernels` the sum of its node times.", "",
+                *[f"- {format_profile(p)}" for p in profiles], ""]
+    if analysis is not None and analysis.is_file():
+        out += [analysis.read_text(encoding="utf-8").strip(), ""]
     out += ["## Suite (b): demo model, real decoding", ""]
     if b is None:
         out += [b_note, ""]
@@ -159,13 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     try:
         a, manifest, cmd_a = run_suite_a(args.work, runs, args.rebuild)
+        from captrt.bench.profile import profile_graphs
+
+        print("[profile] ONNX Runtime profiler on the suite (a) graphs", file=sys.stderr, flush=True)
+        profiles = [p for prec in ("fp32", "int8") if prec in manifest.get("graphs", {})
+                    for p in profile_graphs(a["model"]["path"], prec, runs=20 if not args.quick else 5,
+                                            threads=a["settings"]["threads"])]
         b, b_note = run_suite_b(args.demo, args.work, runs)
     except (ValueError, RuntimeError, FileExistsError) as exc:  # clear errors from bench/export
         print(f"run_suite: error: {exc}", file=sys.stderr)
         return 2
     plot = plot_latency(a, args.out / "latency.png", title=f"captrt suite (a): {a['machine']['cpu']}, "
                         f"{a['settings']['threads']} threads, {a['settings']['steps']} forced steps")
-    write_results(args.out / "RESULTS.md", a, manifest, cmd_a, b, b_note, args.quick, argv, plot)
+    write_results(args.out / "RESULTS.md", a, manifest, cmd_a, b, b_note, args.quick, argv, plot, profiles,
+                  HERE / "ANALYSIS.md")
     print(f"wrote {args.out / 'RESULTS.md'} and {plot}", file=sys.stderr)
     return 0
 

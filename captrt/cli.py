@@ -193,7 +193,7 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "-o", "--out"),
          images: int = typer.Option(1600, "--images"),
-         epochs: int = typer.Option(6, "--epochs")):
+         epochs: int = typer.Option(8, "--epochs")):
     """synth -> prepare -> train -> eval -> export -> caption -> bench, end to end on the CPU."""
     from captrt.demo import run_demo
 

@@ -15,7 +15,7 @@ def _say(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 6, seed: int = 0) -> dict:
+def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 8, seed: int = 0) -> dict:
     from captrt.synth import make_synth_dataset
     from captrt.train.evaluate import evaluate, format_metrics
     from captrt.train.loop import TrainConfig, train
@@ -40,11 +40,13 @@ def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 6
     for path, caption in result.predictions[:5]:
         print(f"  {Path(path).name}: {caption}")
 
-    _say("export: encoder.onnx + decoder_step.onnx, parity-checked against PyTorch")
+    _say("export: encoder.onnx + decoder_step.onnx (+ int8), parity-checked against PyTorch on test images")
     from captrt.export.exporter import export_model
 
-    manifest = export_model(best, out / "model", max_beam=10, overwrite=True, parity_count=50)
-    print(json.dumps(manifest["parity"]["fp32"], indent=1)[:1500])
+    manifest = export_model(best, out / "model", max_beam=10, int8=True, calib_json=str(data_json),
+                            calib_images=str(Path(data_json).parent), overwrite=True, parity_count=50)
+    for precision, report in manifest["parity"].items():
+        print(f"{precision}: " + json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}))
 
     _say("caption: the torch-free runtime (ONNX Runtime, CPU) with attention maps")
     from captrt.runtime import Captioner

@@ -152,18 +152,11 @@ class ReferenceRunner:
     def __init__(self, model: ModelDir, *, threads: int | None, checkpoint: str | Path | None = None):
         import torch
 
-        from captrt.runtime.errors import ModelDirError
-        from captrt.train.checkpoint import CheckpointError, load_checkpoint
+        from captrt.runtime.engines.torch_engine import load_source_checkpoint
 
         if threads is not None:
             torch.set_num_threads(threads)
-        path = locate_checkpoint(model, checkpoint)
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            raise ModelDirError(str(exc)) from None
-        if ckpt.vocab != model.vocab:
-            raise ModelDirError(f"{path}: its vocabulary differs from {model.path / 'vocab.json'}")
+        path, ckpt = load_source_checkpoint(model, locate_checkpoint(model, checkpoint))
         self.model, self.checkpoint = model, path
         self.net = ckpt.build_model("cpu")
 

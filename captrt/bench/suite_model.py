@@ -5,10 +5,11 @@ checkpoint measures exactly what a trained one would, without a dataset or a dow
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from captrt.hashing import sha256_file
 
 SUITE_VOCAB = 9490  # COCO Karpathy split, min_word_freq 5 (the seed's WORDMAP size)
 SUITE_CONFIG: dict[str, Any] = {"backbone": "resnet101", "enc_size": 14, "attention_dim": 512, "embed_dim": 512,
@@ -103,19 +104,12 @@ def suite_model_dir(work: str | Path, *, parity_count: int = 4, calib_count: int
             stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             stamp = {}
-        if stamp.get("settings") == settings and stamp.get("checkpoint_sha256") == _sha256(ckpt):
+        if stamp.get("settings") == settings and stamp.get("checkpoint_sha256") == sha256_file(ckpt):
             return out
     make_random_checkpoint(ckpt)
     export_model(ckpt, out, int8=True, max_beam=max_beam, parity_count=parity_count, calib_count=calib_count,
                  overwrite=True, progress=progress)
-    stamp_path.write_text(json.dumps({"settings": settings, "checkpoint_sha256": _sha256(ckpt)}, indent=1),
+    stamp_path.write_text(json.dumps({"settings": settings, "checkpoint_sha256": sha256_file(ckpt)}, indent=1),
                           encoding="utf-8")
     return out
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from captrt import __version__
+from captrt.hashing import sha256_file  # noqa: F401  (re-exported for the exporter)
 from captrt.train.config import ModelConfig
 from captrt.train.model import IMAGENET_MEAN, IMAGENET_STD
 from captrt.vocab import Vocab
@@ -20,14 +20,6 @@ GRAPH_FILES = {
     "fp16": ("encoder.fp16.onnx", "decoder_step.fp16.onnx"),
     "int8": ("encoder.int8.onnx", "decoder_step.int8.onnx"),
 }
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def graph_entry(directory: Path, file: str, precision: str, tensorrt_problems: list[str],

@@ -7,7 +7,6 @@ then beside it), and must match `source.checkpoint_sha256` when the manifest rec
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from captrt.hashing import sha256_file
 from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
 from captrt.runtime.engines.torch_step import EncoderGraph, StepGraph
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
@@ -30,13 +30,6 @@ class TorchState(DecodeState):
     h: torch.Tensor | None = None
     c: torch.Tensor | None = None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_checkpoint(model: "ModelDir", checkpoint: str | Path | None) -> Path:
@@ -58,11 +51,26 @@ def find_checkpoint(model: "ModelDir", checkpoint: str | Path | None) -> Path:
             raise ModelDirError(f"{model.manifest_path}: source checkpoint {name!r} not found (looked at "
                                 f"{', '.join(str(p) for p in candidates)}); pass checkpoint=PATH")
     if isinstance(expected, str) and expected:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected.lower():
             raise ModelDirError(f"{path}: sha256 {actual} differs from captrt.json source.checkpoint_sha256 "
                                 f"{expected}: not the checkpoint this model directory was exported from")
     return path
+
+
+def load_source_checkpoint(model: "ModelDir", path: Path) -> tuple[Path, Any]:
+    """Load the checkpoint at `path` and check it matches the directory's vocabulary and grid."""
+    from captrt.train.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ModelDirError(str(exc)) from None
+    if ckpt.vocab != model.vocab:
+        raise ModelDirError(f"{path}: its vocabulary differs from {model.path / 'vocab.json'}")
+    if ckpt.config.enc_size != model.grid:
+        raise ModelDirError(f"{path}: enc_size {ckpt.config.enc_size} differs from captrt.json grid {model.grid}")
+    return path, ckpt
 
 
 class TorchEngine(Engine):
@@ -82,17 +90,7 @@ class TorchEngine(Engine):
                                          "(install a CUDA build of torch and check the driver), or use device='cpu'")
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide in PyTorch: set only when asked
-        from captrt.train.checkpoint import CheckpointError, load_checkpoint
-
-        path = find_checkpoint(model, checkpoint)
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            raise ModelDirError(str(exc)) from None
-        if ckpt.vocab != model.vocab:
-            raise ModelDirError(f"{path}: its vocabulary differs from {model.path / 'vocab.json'}")
-        if ckpt.config.enc_size != model.grid:
-            raise ModelDirError(f"{path}: enc_size {ckpt.config.enc_size} differs from captrt.json grid {model.grid}")
+        path, ckpt = load_source_checkpoint(model, find_checkpoint(model, checkpoint))
         self.checkpoint = path
         self._device = torch.device(device)
         net = ckpt.build_model(self._device)
