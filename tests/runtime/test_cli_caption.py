@@ -151,3 +151,25 @@ def test_captrt_caption_command_bad_model(tmp_path, photo_dir):
     res = CliRunner().invoke(app, ["caption", str(photo_dir / "img0.png"), "--model", str(tmp_path / "nowhere")])
     assert res.exit_code == EXIT_USAGE
     assert "nowhere" in res.output and "Traceback" not in res.output
+
+
+def test_captrt_caption_in_a_subprocess(varied_model_dir, photo_dir, expected, tmp_path):
+    """The installed entry point, end to end: a directory, a glob and a bad file, JSON lines, exit code 1
+    for the failed image, one attention PNG per good image, no traceback."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    proc = subprocess.run([sys.executable, "-m", "captrt", "caption", str(photo_dir), str(photo_dir / "sub" / "*.png"),
+                           str(bad), "--model",
+                           str(varied_model_dir), "--beam", "3", "--json", "--threads", "1", "--attention",
+                           str(tmp_path / "att")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_SOME_FAILED, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    by_path = {r["image"]: r for r in rows}
+    assert by_path[str(bad)]["error"] and "broken.jpg" in by_path[str(bad)]["error"]
+    for path, cap in expected.items():
+        assert by_path[path]["tokens"] == cap.tokens and by_path[path]["caption"] == cap.text
+    assert len(list((tmp_path / "att").glob("*.png"))) == len(expected)
+    assert "Traceback" not in proc.stderr
