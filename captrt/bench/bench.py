@@ -19,7 +19,7 @@ import numpy as np
 
 from captrt.bench.bandwidth import DEFAULT_MB, floor_ms, measure_read_bandwidth, step_weight_bytes
 from captrt.bench.images import load_images
-from captrt.bench.machine import library_versions, machine_info
+from captrt.bench.machine import OtherCpu, library_versions, machine_info
 from captrt.bench.measure import PeakRss, summarize
 from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import make_runner
@@ -133,6 +133,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     log(f"model {mdir.path}: {mdir.manifest.get('model', {}).get('backbone', '?')}, grid {mdir.grid}, "
         f"vocabulary {mdir.vocab_size}, max_beam {mdir.max_beam}; {len(pool)} images ({pool.source})")
     floor = _floor(mdir, {p for e, p in pairs if e not in ("reference",)}, device, threads, bandwidth_mb, log)
+    other_cpu = OtherCpu()
     report: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "versions": library_versions(),
@@ -167,6 +168,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     if not report["results"]:
         raise EngineUnavailableError("no configuration could run: " + "; ".join(s["reason"] for s in report["skipped"]))
     report["machine"]["load_average_end"] = machine_info()["load_average"]
+    report["machine"]["other_processes_cores"] = other_cpu.cores()
     if json_out is not None:
         write_json(report, json_out)
     if print_table:

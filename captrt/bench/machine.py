@@ -59,6 +59,34 @@ def load_average() -> list[float] | None:
         return None
 
 
+class OtherCpu:
+    """CPU time that other processes used while the benchmark ran, in cores (0 = quiet machine).
+
+    The load average cannot say this: it counts the benchmark's own threads. /proc/stat's busy time
+    (user+nice+system+irq+softirq+steal) minus this process's own CPU time, over the wall time."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system, t.elapsed
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return round(max(other, 0.0) / (end[2] - self.start[2]), 2)
+
+
 def machine_info() -> dict[str, Any]:
     return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": usable_cores(), "logical_cpus": os.cpu_count(),
             "memory_gb": memory_gb(), "platform": platform.platform(), "python": sys.version.split()[0],

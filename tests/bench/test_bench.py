@@ -49,6 +49,8 @@ def test_forced_steps_every_engine_json_and_table(tiny_model, tmp_path, capsys):
     for key in ("machine", "versions", "floor", "model", "settings", "date"):
         assert key in data
     assert data["machine"]["cpu"] and data["machine"]["cores"] >= 1
+    other = data["machine"]["other_processes_cores"]
+    assert other is None or other >= 0.0
     assert {"numpy", "onnx", "torch"} <= set(data["versions"])
     assert "onnxruntime" in data["versions"] or "onnxruntime-gpu" in data["versions"]
     floor = data["floor"]

@@ -44,3 +44,15 @@ def test_peak_rss_sees_an_allocation_and_resets_per_block():
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     # The second block allocated nothing: its peak must not include the first block's 200 MB.
     assert small.mb < big.mb - 100
+
+
+def test_other_cpu_subtracts_this_process(monkeypatch):
+    from captrt.bench.machine import OtherCpu
+
+    real = OtherCpu()
+    sum(i * i for i in range(200_000))
+    value = real.cores()
+    assert value is None or value >= 0.0
+    samples = iter([(100.0, 10.0, 1000.0), (103.0, 11.5, 1002.0)])  # (system busy s, own cpu s, wall s)
+    monkeypatch.setattr(OtherCpu, "_sample", staticmethod(lambda: next(samples)))
+    assert OtherCpu().cores() == 0.75  # (3.0 - 1.5) / 2.0

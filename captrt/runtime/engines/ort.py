@@ -46,6 +46,12 @@ def session_options(threads: int | None, log_level: int = 3) -> ort.SessionOptio
     so.enable_cpu_mem_arena = True
     so.enable_mem_pattern = True  # the step repeats with the same shapes: reuse its allocation plan
     so.log_severity_level = log_level  # errors only; the provider check below replaces EP warnings
+    # No spin-waiting. Each session owns a thread pool, and an idle pool's workers busy-wait for new
+    # work: while the decoder steps, the encoder's worker would spin on one of this machine's two
+    # cores, and vice versa. Measured on the seed-sized model (ResNet-101, vocabulary 9490, batch 1,
+    # beam 5, 16 steps, 2 threads), end to end p50: fp32 207-260 ms spinning vs 129-156 ms not;
+    # int8 105-127 ms vs 52-55 ms. A step's wake-up cost is within noise (~2.4 ms per step either way).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
