@@ -132,7 +132,10 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
             f"images: {a['settings']['images']}. Steps are forced (`end=-1`: nothing completes), so every engine does "
             "the same work. `step` is the decoder step for the whole batch (reference: the seed's step, attention "
             "projection recomputed, for each image of the batch); `step/floor` divides it by the weight bytes one "
-            "step reads over the measured read bandwidth. Percentiles are over timed runs after warm-up.", "",
+            "step reads over the measured read bandwidth. Percentiles are over timed runs after warm-up. All "
+            "engines are loaded together and take turns run by run on the same images, so the ratios between "
+            "them come from the same minutes (this machine's speed drifts by up to 2x over minutes); `engine MB` "
+            "is what loading an engine added to the resident set, `peak RSS` the process's with all loaded.", "",
             format_markdown(a), "", *[f"- {line}" for line in floor_lines(a)], ""]
     if plot is not None:
         out += [f"![latency vs batch and beam]({plot.name})", ""]

@@ -20,7 +20,7 @@ import numpy as np
 from captrt.bench.bandwidth import DEFAULT_MB, floor_ms, measure_read_bandwidth, step_weight_bytes
 from captrt.bench.images import load_images
 from captrt.bench.machine import OtherCpu, library_versions, machine_info
-from captrt.bench.measure import PeakRss, summarize
+from captrt.bench.measure import PeakRss, current_rss_mb, summarize
 from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import make_runner
 from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
@@ -144,27 +144,36 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
                      "images": pool.source, "max_seconds": max_seconds},
         "floor": floor, "results": [], "skipped": [],
     }
-    for engine, precision in pairs:
-        try:
-            runner = make_runner(engine, mdir, precision=precision, device=device, threads=threads,
-                                 checkpoint=checkpoint)
-        except EngineUnavailableError as exc:
-            log(f"skipping {engine} {precision}: {exc}")
-            report["skipped"].append({"engine": engine, "precision": precision, "reason": str(exc)})
-            continue
-        try:
-            for batch in batch_list:
-                for beam in beam_list:
-                    rec = _measure(runner, pool.images, batch, beam, steps, warmup, iters, max_seconds, device)
+    # All engines are loaded at once and take turns run by run (see _measure): this machine's speed
+    # drifts by 2x over minutes, and ratios between engines are only fair when taken side by side.
+    runners: list[tuple[Any, float | None]] = []
+    try:
+        for engine, precision in pairs:
+            before = current_rss_mb()
+            try:
+                runner = make_runner(engine, mdir, precision=precision, device=device, threads=threads,
+                                     checkpoint=checkpoint)
+            except EngineUnavailableError as exc:
+                log(f"skipping {engine} {precision}: {exc}")
+                report["skipped"].append({"engine": engine, "precision": precision, "reason": str(exc)})
+                continue
+            after = current_rss_mb()
+            runners.append((runner, None if before is None or after is None else round(after - before, 1)))
+        for batch in batch_list:
+            for beam in beam_list:
+                recs = _measure([r for r, _ in runners], pool.images, batch, beam, steps, warmup, iters,
+                                max_seconds, device)
+                for rec, (_, load_mb) in zip(recs, runners):
+                    rec["rss_load_mb"] = load_mb
                     _attach_floor(rec, floor, device)
                     report["results"].append(rec)
-                    e2e = rec["e2e_ms"]["per_batch"]["p50"]
-                    log(f"{engine} {precision} batch {batch} beam {beam}: e2e p50 {e2e:.1f} ms, "
-                        f"{rec['images_per_s']:.2f} img/s")
-        finally:
+                    log(f"{rec['engine']} {rec['precision']} batch {batch} beam {beam}: e2e p50 "
+                        f"{rec['e2e_ms']['per_batch']['p50']:.1f} ms, {rec['images_per_s']:.2f} img/s")
+    finally:
+        for runner, _ in runners:
             runner.close()
-            del runner
-            gc.collect()
+        runners.clear()
+        gc.collect()
     if not report["results"]:
         raise EngineUnavailableError("no configuration could run: " + "; ".join(s["reason"] for s in report["skipped"]))
     report["machine"]["load_average_end"] = machine_info()["load_average"]
@@ -225,9 +234,10 @@ def _attach_floor(rec: dict[str, Any], floor: dict[str, Any], device: str) -> No
     rec["floor_ratio"] = round(step / fl, 3) if fl and step is not None and device == "cpu" else None
 
 
-def _measure(runner, pool: np.ndarray, batch: int, beam: int, steps: int | None, warmup: int, iters: int,
-             max_seconds: float | None, device: str) -> dict[str, Any]:
-    """Warm up, then time up to `iters` end-to-end runs of one (batch, beam) configuration."""
+def _measure(runners: Sequence[Any], pool: np.ndarray, batch: int, beam: int, steps: int | None, warmup: int,
+             iters: int, max_seconds: float | None, device: str) -> list[dict[str, Any]]:
+    """Warm up every runner, then time up to `iters` rounds of one (batch, beam) configuration in
+    which each runner runs once, in turn, on the same images. max_seconds bounds each runner's share."""
     from captrt.bench.measure import now_ms
 
     def take(i: int) -> np.ndarray:  # batch i of a cyclic walk through the image pool
@@ -235,17 +245,28 @@ def _measure(runner, pool: np.ndarray, batch: int, beam: int, steps: int | None,
         return np.ascontiguousarray(pool[idx])
 
     gc.collect()
-    samples = []
+    samples: list[list[Any]] = [[] for _ in runners]
     with PeakRss() as rss:
         for i in range(warmup):
-            runner.run(take(i), beam, steps)
+            for runner in runners:
+                runner.run(take(i), beam, steps)
         started = now_ms()
         for i in range(iters):
-            samples.append(runner.run(take(warmup + i), beam, steps))
+            for runner, got in zip(runners, samples):
+                got.append(runner.run(take(warmup + i), beam, steps))
             spent = now_ms() - started
-            if max_seconds is not None and len(samples) >= MIN_ITERS_IN_BUDGET and spent > max_seconds * 1e3:
+            if (max_seconds is not None and i + 1 >= MIN_ITERS_IN_BUDGET
+                    and spent > max_seconds * 1e3 * len(runners)):
                 break
-        seed_steps = runner.seed_step_ms(take(0), beam, min(warmup, 2), max(3 * len(samples), 5))
+        seed_steps = [r.seed_step_ms(take(0), beam, min(warmup, 2), max(3 * len(got), 5))
+                      for r, got in zip(runners, samples)]
+    return [_record(r, got, seed, batch, beam, steps, warmup, device, rss)
+            for r, got, seed in zip(runners, samples, seed_steps)]
+
+
+def _record(runner: Any, samples: list[Any], seed_steps: list[float] | None, batch: int, beam: int,
+            steps: int | None, warmup: int, device: str, rss: PeakRss) -> dict[str, Any]:
+    """One configuration's figures for one runner."""
     e2e = [s.e2e_ms for s in samples]
     step_ms = seed_steps if seed_steps is not None else [t for s in samples for t in s.step_ms]
     first = [t for s in samples for t in s.first_step_ms]
@@ -262,5 +283,7 @@ def _measure(runner, pool: np.ndarray, batch: int, beam: int, steps: int | None,
         "first_step_ms": summarize(first),
         "e2e_ms": {"per_batch": summarize(e2e), "per_image": summarize([t / batch for t in e2e])},
         "images_per_s": round(batch * 1e3 / float(np.median(e2e)), 3),
+        # every engine is resident during the configuration: the peak is the process's with all engines
+        # loaded; rss_load_mb (set by the caller) is what creating this engine added
         "peak_rss_mb": rss.mb, "peak_rss_scope": rss.scope,
     }

@@ -9,7 +9,7 @@ from typing import Any
 from captrt.atomic import atomic_write_text
 
 HEADERS = ("engine", "prec", "provider", "N", "K", "steps", "encoder ms p50/p90/p99", "step ms p50/p90/p99",
-           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "peak RSS MB", "step/floor")
+           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "engine MB", "peak RSS MB", "step/floor")
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -37,7 +37,8 @@ def row_cells(r: dict[str, Any]) -> list[str]:
     ratio = r.get("floor_ratio")
     return [r["engine"], r["precision"], r["provider"], str(r["batch"]), str(r["beam"]), _steps(r),
             _pcts(r["encoder_ms"]), _pcts(r["step_ms"]), _pcts(r["e2e_ms"]["per_batch"]),
-            _num(r["e2e_ms"]["per_image"]["p50"]), _num(r["images_per_s"]), _num(r["peak_rss_mb"], 0),
+            _num(r["e2e_ms"]["per_image"]["p50"]), _num(r["images_per_s"]),
+            _num(r.get("rss_load_mb"), 0), _num(r["peak_rss_mb"], 0),
             "-" if ratio is None else f"{ratio:.2f}x"]
 
 
@@ -76,6 +77,8 @@ def format_table(report: dict[str, Any]) -> str:
     out.extend(floor_lines(report))
     for s in report.get("skipped", []):
         out.append(f"skipped {s['engine']} {s['precision']}: {s['reason']}")
+    out.append("engines take turns run by run on the same images, so their ratios come from the same minutes; "
+               "engine MB: resident memory that loading the engine added; peak RSS: the process with all engines loaded")
     rss = {r.get("peak_rss_scope") for r in report["results"]}
     if "process" in rss:
         out.append("peak RSS: the process's peak so far (this kernel refuses to reset it per configuration)")

@@ -193,3 +193,30 @@ def test_captrt_bench_command(tiny_model, tmp_path):
         ("fp32", 2, 1), ("fp32", 2, 3), ("int8", 2, 1), ("int8", 2, 3)]
     bad = CliRunner().invoke(app, ["bench", "--model", str(tiny_model), "--beam", "0"])
     assert bad.exit_code == 2 and "beam" in bad.output and "Traceback" not in bad.output
+
+
+def test_engines_take_turns_run_by_run():
+    """Interleaving: every timed round runs each engine once, in order, on the same images."""
+    from captrt.bench.bench import _measure
+    from captrt.bench.runners import RunSample
+
+    calls = []
+
+    class Fake:
+        precision, provider = "fp32", "fake"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, images, beam, steps):
+            calls.append((self.name, int(images[0, 0, 0, 0])))
+            return RunSample(2.0, 1.0, [0.1], [0.1], [steps] * len(images))
+
+        def seed_step_ms(self, images, beam, warmup, iters):
+            return None
+
+    pool = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    recs = _measure([Fake("a"), Fake("b")], pool, batch=1, beam=2, steps=3, warmup=1, iters=3, max_seconds=None,
+                    device="cpu")
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert [r["engine"] for r in recs] == ["a", "b"] and all(r["iters"] == 3 for r in recs)
