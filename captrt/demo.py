@@ -31,7 +31,7 @@ def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 8
     _say(f"train: resnet18 encoder (8x8 grid, frozen features), 256-wide decoder, {epochs} epochs")
     cfg = TrainConfig(data=str(prepared), out=str(out / "run"), backbone="resnet18", enc_size=8, attention_dim=256,
                       embed_dim=256, decoder_dim=256, dropout=0.5, epochs=epochs, batch_size=32, decoder_lr=1e-3,
-                      val_beam=3, val_images=80, seed=seed)
+                      val_beam=3, val_images=160, seed=seed)
     best = train(cfg)
 
     _say("eval: reference beam search (beam 5) on the test split")

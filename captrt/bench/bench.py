@@ -158,7 +158,9 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
                 report["skipped"].append({"engine": engine, "precision": precision, "reason": str(exc)})
                 continue
             after = current_rss_mb()
-            runners.append((runner, None if before is None or after is None else round(after - before, 1)))
+            # None when not measurable: the allocator may reuse memory an earlier engine freed (growth <= 0)
+            grown = None if before is None or after is None or after <= before else round(after - before, 1)
+            runners.append((runner, grown))
         for batch in batch_list:
             for beam in beam_list:
                 recs = _measure([r for r, _ in runners], pool.images, batch, beam, steps, warmup, iters,
