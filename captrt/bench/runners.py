@@ -223,5 +223,11 @@ def make_runner(name: str, model: ModelDir, *, precision: str, device: str, thre
                 checkpoint: str | Path | None = None):
     """The runner for engine `name` ('reference' or a runtime engine)."""
     if name == "reference":
+        import importlib.util
+
+        from captrt.runtime.errors import EngineUnavailableError
+
+        if importlib.util.find_spec("torch") is None:  # a runtime-only install: skip it, with the reason
+            raise EngineUnavailableError("engine 'reference' is the PyTorch reference search: pip install 'captrt[train]'")
         return ReferenceRunner(model, threads=threads, checkpoint=checkpoint)
     return EngineRunner(name, model, precision=precision, device=device, threads=threads, checkpoint=checkpoint)
