@@ -78,7 +78,7 @@ def locate_checkpoint(model: ModelDir, checkpoint: str | Path | None) -> Path:
     beside it, or one folder down from its parent (e.g. demo_out/run/best.pt for demo_out/model,
     or a directory copied from another machine). Every candidate must match
     source.checkpoint_sha256 when one is recorded: a file of the same name with other weights is refused."""
-    from captrt.runtime.engines.torch_engine import find_checkpoint
+    from captrt.train.torch_engine import find_checkpoint
     from captrt.runtime.errors import ModelDirError
 
     try:
@@ -152,7 +152,7 @@ class ReferenceRunner:
     def __init__(self, model: ModelDir, *, threads: int | None, checkpoint: str | Path | None = None):
         import torch
 
-        from captrt.runtime.engines.torch_engine import load_source_checkpoint
+        from captrt.train.torch_engine import load_source_checkpoint
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
 
 __all__ = ["DEVICES", "ENGINES", "PRECISIONS", "DecodeState", "Engine", "StepOutput", "create_engine"]
 
-# engine name -> (module, class name)
+# engine name -> (module, class name). The torch engine lives in captrt.train: captrt.runtime itself
+# never imports torch, so services can embed it with numpy, onnxruntime and pillow alone.
 _REGISTRY = {
     "ort": ("captrt.runtime.engines.ort", "OrtEngine"),
     "trt": ("captrt.runtime.engines.trt", "TrtEngine"),
-    "torch": ("captrt.runtime.engines.torch_engine", "TorchEngine"),
+    "torch": ("captrt.train.torch_engine", "TorchEngine"),
 }
 
 _INSTALL_HINT = {

@@ -1,7 +1,9 @@
 """PyTorch modules computing exactly what encoder.onnx / decoder_step.onnx compute (docs/model-format.md).
 
-Used by the torch engine (same batched search as the ONNX engines) and handy for exporting test
-graphs. Imports torch at module level: only the torch engine imports this module.
+Used by the torch engine (same batched search as the ONNX engines). Deliberately not
+captrt.export.graphs: those spell things for the exporters (pooling as matrices, the LSTM cell as
+Gemms); these call the checkpoint's own modules (AdaptiveAvgPool2d, nn.LSTMCell), so the torch
+engine checks the batched rearrangement alone and is PyTorch's fastest form as a speed baseline.
 """
 
 from __future__ import annotations

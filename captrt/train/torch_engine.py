@@ -16,7 +16,7 @@ import torch
 
 from captrt.hashing import sha256_file
 from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
-from captrt.runtime.engines.torch_step import EncoderGraph, StepGraph
+from captrt.train.torch_step import EncoderGraph, StepGraph
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
 if TYPE_CHECKING:
