@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +32,20 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def _karpathy_files(path: Path) -> list[Path]:
+def _karpathy_files(path: Path) -> tuple[list[Path], str]:
+    """Up to MAX_FILES images of the first non-empty split in SPLIT_ORDER, and that split's name
+    (captrt.train.data's parser)."""
+    from captrt.train.data import DatasetError, load_karpathy
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["images"]
-        by_split = {s: [e for e in entries if e.get("split") == s] for s in SPLIT_ORDER}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"images: {path}: not a Karpathy-split dataset JSON ({type(exc).__name__}: {exc})") from None
-    chosen = next((by_split[s] for s in SPLIT_ORDER if by_split[s]), [])
-    root = path.parent
-    files = []
-    for e in chosen[:MAX_FILES]:
-        if not isinstance(e, dict) or "filename" not in e:
-            raise ValueError(f"images: {path}: an image entry lacks 'filename'")
-        files.append(root / str(e.get("filepath", "")) / str(e["filename"]))
-    return files
+        entries = load_karpathy(path)
+    except DatasetError as exc:  # names the file and the entry
+        raise ValueError(f"images: {exc}") from None
+    for split in SPLIT_ORDER:
+        chosen = [e.path for e in entries if e.split == split]
+        if chosen:
+            return chosen[:MAX_FILES], split
+    return [], ""
 
 
 def load_images(images: str | Path | np.ndarray | None, size: int, count: int = 8) -> ImagePool:
@@ -66,8 +64,8 @@ def load_images(images: str | Path | np.ndarray | None, size: int, count: int = 
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_FILES]
         what = f"{path}"
     else:
-        files = _karpathy_files(path)
-        what = f"{path} ({len(files)} images of its test split)"
+        files, split = _karpathy_files(path)
+        what = f"{path} ({len(files)} images of its {split} split)"
     if not files:
         raise ValueError(f"images: {path}: no images found ({', '.join(IMAGE_SUFFIXES)})")
     from captrt.runtime.preprocess import load_image

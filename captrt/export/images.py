@@ -6,7 +6,6 @@ the encoder, and every failure names the file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from captrt.export.errors import ExportError
+from captrt.train.data import DatasetError, ImageEntry, load_karpathy
 
 PARITY_SPLITS = ("test", "val")  # parity prefers held-out images ...
 CALIB_SPLITS = ("train", "restval")  # ... calibration prefers training images
@@ -51,51 +51,26 @@ def from_files(paths: Sequence[str | Path], size: int) -> ImageSet:
     return ImageSet(np.stack(arrays), [str(p) for p in paths], None, "files", [str(p) for p in paths])
 
 
-@dataclass
-class DatasetEntry:
-    path: Path
-    split: str
-    captions: list[list[str]]
-
-
-def read_karpathy(json_path: str | Path, root: str | Path | None) -> list[DatasetEntry]:
-    """Entries of a Karpathy-split JSON; an image's file is ROOT/filepath/filename."""
+def read_karpathy(json_path: str | Path, root: str | Path | None) -> list[ImageEntry]:
+    """Entries of a Karpathy-split JSON (captrt.train.data's parser); an image's file is ROOT/filepath/filename."""
     jp = Path(json_path)
     if root is None:
         raise ExportError(f"{jp}: calibration dataset given without its image root (--images ROOT)")
     try:
-        with open(jp, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return load_karpathy(jp, root)
+    except DatasetError as exc:  # its message names the file and the entry
         raise ExportError(f"{jp}: cannot read calibration dataset JSON: {exc}") from None
-    items = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(items, list) or not items:
-        raise ExportError(f"{jp}: expected a Karpathy-split JSON object with a non-empty 'images' list")
-    entries = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
-            raise ExportError(f"{jp}: images[{i}]: missing 'filename'")
-        filepath = item.get("filepath", "")
-        if not isinstance(filepath, str):
-            raise ExportError(f"{jp}: images[{i}].filepath: expected a string")
-        captions = []
-        for sentence in item.get("sentences") or []:
-            tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
-            if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
-                captions.append(tokens)
-        entries.append(DatasetEntry(Path(root) / filepath / item["filename"], str(item.get("split", "")), captions))
-    return entries
 
 
-def _pick(entries: list[DatasetEntry], splits: tuple[str, ...], count: int,
-          avoid: set[Path] = frozenset()) -> list[DatasetEntry]:
+def _pick(entries: list[ImageEntry], splits: tuple[str, ...], count: int,
+          avoid: set[Path] = frozenset()) -> list[ImageEntry]:
     """Up to `count` entries, preferred splits first, then the rest (file order inside each group)."""
     preferred = [e for e in entries if e.split in splits and e.path not in avoid]
     rest = [e for e in entries if e.split not in splits and e.path not in avoid]
     return (preferred + rest)[:count]
 
 
-def from_dataset(entries: list[DatasetEntry], splits: tuple[str, ...], count: int, size: int,
+def from_dataset(entries: list[ImageEntry], splits: tuple[str, ...], count: int, size: int,
                  avoid: set[Path] = frozenset(), source: str = "dataset") -> ImageSet:
     chosen = _pick(entries, splits, count, avoid) or _pick(entries, splits, count)
     arrays = [load_file(e.path, size) for e in chosen]
