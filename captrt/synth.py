@@ -209,6 +209,17 @@ def _noun_phrase(g: Group, rng: np.random.Generator | None) -> str:
     return " ".join(w for w in (det, size, g.colour, noun) if w)
 
 
+def render_scenes(count: int, size: int, seed: int, key: tuple[int, ...] = ()) -> np.ndarray:
+    """(count, size, size, 3) uint8 random scenes without captions, for parity, calibration and
+    benchmarks. Scene i draws from SeedSequence(seed, spawn_key=(*key, i)): deterministic, and
+    different callers pick different `key`s to get different images."""
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    for i in range(count):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, i)))
+        out[i] = np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB"), dtype=np.uint8)
+    return out
+
+
 def _position(g: Group, rng: np.random.Generator | None, short: bool = False) -> str:
     words = POSITION_WORDS[g.region]
     if rng is None:

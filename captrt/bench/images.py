@@ -23,13 +23,9 @@ class ImagePool:
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
     """(count, size, size, 3) uint8 scenes rendered by captrt.synth (shapes on textured backgrounds)."""
-    from captrt.synth import render_scene, sample_scene
+    from captrt.synth import render_scenes
 
-    out = np.empty((count, size, size, 3), dtype=np.uint8)
-    for i in range(count):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7, i)))
-        out[i] = np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB"), dtype=np.uint8)
-    return out
+    return render_scenes(count, size, seed, key=(7,))
 
 
 def _karpathy_files(path: Path) -> tuple[list[Path], str]:

@@ -80,28 +80,8 @@ def from_dataset(entries: list[ImageEntry], splits: tuple[str, ...], count: int,
 
 
 def synthetic(count: int, size: int, seed: int = 20240) -> ImageSet:
-    """captrt.synth scenes when that module is available, else smooth random images."""
-    try:
-        from captrt.synth import render_scene, sample_scene
-    except ImportError:
-        render_scene = sample_scene = None
-    arrays = []
-    for i in range(count):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-        if render_scene is not None:
-            arrays.append(np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB"), dtype=np.uint8))
-        else:
-            arrays.append(smooth_random_image(rng, size))
-    kind = "synthetic scenes (captrt.synth)" if render_scene is not None else "synthetic smooth random images"
-    return ImageSet(np.stack(arrays), [f"synthetic-{i}" for i in range(count)], None, kind)
+    """Scenes rendered by captrt.synth (the exporter's default parity images)."""
+    from captrt.synth import render_scenes
 
-
-def smooth_random_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Random 8x8 colour field, bilinearly upsampled: blobs rather than noise."""
-    coarse = rng.uniform(0, 255, size=(8, 8, 3))
-    t = np.linspace(0, 7, size)
-    i0 = np.floor(t).astype(int).clip(0, 6)
-    w = (t - i0)[:, None]
-    rows = coarse[i0] * (1 - w[:, :, None]) + coarse[i0 + 1] * w[:, :, None]  # (size, 8, 3)
-    cols = rows[:, i0] * (1 - w[None, :, :]) + rows[:, i0 + 1] * w[None, :, :]
-    return cols.round().clip(0, 255).astype(np.uint8)
+    return ImageSet(render_scenes(count, size, seed), [f"synthetic-{i}" for i in range(count)], None,
+                    "synthetic scenes (captrt.synth)")

@@ -23,23 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from captrt.train.model import CaptionModel, normalize_uint8
-from captrt.train.reference import length_penalty_factor
+from captrt.runtime.beam import length_penalty_factor
 
 FP32_MAX_REL_DIFF = 1e-3  # fp32 fails parity above this (per tensor, relative to its max magnitude)
 NUMERIC_KEYS = ("features", "att_proj", "h", "c", "alpha", "logp")
 
 
 def make_session(model_bytes: bytes, threads: int | None = None):
-    """CPU ONNX Runtime session for parity runs."""
+    """CPU ONNX Runtime session for parity runs, with the runtime's own session options."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    # Busy-waiting worker threads hurt badly when the machine is shared (and parity runs are small).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    from captrt.runtime.engines.ort import session_options
+
+    so = session_options(threads or min(os.cpu_count() or 1, 4))
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
 @dataclass
