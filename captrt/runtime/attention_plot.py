@@ -8,15 +8,14 @@ with the Agg canvas only (no pyplot, no global backend switch), so it is safe in
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from captrt.atomic import atomic_path
 
 UPSCALE = 24  # pixels per grid cell, as in the seed (14 * 24 = 336)
 COLUMNS = 5
@@ -72,13 +71,6 @@ def plot_attention(image: np.ndarray | Image.Image, words: Sequence[str], attent
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:  # written beside the target, then renamed: a reader never sees half a PNG (mode follows the umask)
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=dpi)
     return out

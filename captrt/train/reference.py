@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from captrt.runtime.beam import length_penalty_factor  # one definition, torch-free
 from captrt.train.model import CaptionModel
 
 
@@ -24,11 +25,6 @@ class ReferenceResult:
     score: float  # cumulative log-probability of the chosen sequence (incl. <end> when finished)
     finished: bool  # False when max_steps ended the search with no <end>
     alphas: torch.Tensor  # (T, P): attention that produced each token in `tokens`
-
-
-def length_penalty_factor(length: int, alpha: float) -> float:
-    """GNMT length penalty ((5 + |Y|) / 6) ** alpha; 1 when alpha == 0 (the seed's raw score)."""
-    return ((5.0 + length) / 6.0) ** alpha if alpha else 1.0
 
 
 @torch.no_grad()

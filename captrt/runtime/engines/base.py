@@ -26,7 +26,7 @@ execution contexts). `step` may update `state` in place and must return it uncha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -44,12 +44,11 @@ class DecodeState:
     """Per-call decoding state. Engines subclass it and add their buffers (host or device).
 
     batch: N, the images still decoding; beams: K_prev, the slots per image held in h/c
-    (1 right after encode). `extra` is free for engine-specific bookkeeping.
+    (1 right after encode).
     """
 
     batch: int
     beams: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,12 +79,11 @@ class Engine(ABC):
     max_batch: int | None = None
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None, **options: Any):
+                 threads: int | None = None):
         self.model = model
         self.device = device
         self.precision = precision
         self.threads = threads
-        self.options = options
 
     @property
     @abstractmethod

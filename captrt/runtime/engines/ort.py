@@ -110,6 +110,7 @@ class OrtEngine(Engine):
         # TensorRT builds its own fp16/int8 kernels from the fp32 graph (trt_fp16_enable); int8 needs the QDQ graph.
         variant = "fp32" if kind == "tensorrt" and precision == "fp16" else precision
         model.require_precision(variant)
+        self.variant = variant  # the graphs actually loaded
         so = session_options(threads, log_level)
         for name, value in (("max_batch", max_batch), ("opt_batch", opt_batch), ("opt_beam", opt_beam)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -170,7 +171,7 @@ class OrtEngine(Engine):
         cand = next(o for o in self.decoder.get_outputs() if o.name == "cand_logp")
         c = cand.shape[-1] if cand.shape else None
         if isinstance(c, int) and c != self.model.max_beam:
-            raise ModelDirError(f"{self.model.graph_path(self.precision, 'decoder_step')}: returns {c} candidates "
+            raise ModelDirError(f"{self.model.graph_path(self.variant, 'decoder_step')}: returns {c} candidates "
                                 f"per beam but captrt.json max_beam is {self.model.max_beam}")
 
     @property

@@ -112,7 +112,7 @@ class TrtEngine(Engine):
 
     def __init__(self, model: ModelDir, *, device: str = "cuda", precision: str = "fp32", threads: int | None = None,
                  **options: Any):
-        super().__init__(model, device=device, precision=precision, threads=threads, **options)
+        super().__init__(model, device=device, precision=precision, threads=threads)
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ValueError(f"engine 'trt': unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
