@@ -61,7 +61,7 @@ def run_suite_a(work: Path, runs: dict[str, Any], rebuild: bool) -> tuple[dict, 
 def run_suite_b(demo: Path, work: Path, runs: dict[str, Any]) -> tuple[dict | None, str]:
     """The demo model with real decoding; (None, why) when there is no demo model or it cannot run."""
     from captrt.bench.bench import run_bench
-    from captrt.bench.runners import locate_checkpoint
+    from captrt.train.torch_engine import find_checkpoint
     from captrt.runtime.model_dir import ModelDir
 
     model = demo / "model"
@@ -71,7 +71,7 @@ def run_suite_b(demo: Path, work: Path, runs: dict[str, Any]) -> tuple[dict | No
     engines = ["ort"]
     note = ""
     try:
-        locate_checkpoint(mdir, None)
+        find_checkpoint(mdir, None)
         engines += ["torch", "reference"]
     except ValueError as exc:  # ModelDirError: the training checkpoint is gone
         note = f"torch and reference left out: {exc}"

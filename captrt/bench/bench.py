@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 
 from captrt.bench.bandwidth import DEFAULT_MB, floor_ms, measure_read_bandwidth, step_weight_bytes
 from captrt.bench.images import load_images
-from captrt.bench.machine import OtherCpu, library_versions, machine_info
+from captrt.bench.machine import OtherCpu, library_versions, load_average, machine_info, usable_cores
 from captrt.bench.measure import PeakRss, current_rss_mb, summarize
 from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import make_runner
@@ -126,7 +125,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
         raise ValueError(f"beam: {max(too_wide)} exceeds max_beam {mdir.max_beam} of {mdir.manifest_path} "
                          f"(re-export with --max-beam {max(too_wide)} for wider beams)")
     pairs = plan_configs(mdir, engine_list, precision_list)
-    threads = threads or _default_threads()
+    threads = threads or usable_cores()
     log = _logger(progress)
 
     pool = load_images(images, mdir.image_size, count=max(max(batch_list), 8))
@@ -178,20 +177,13 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
         gc.collect()
     if not report["results"]:
         raise EngineUnavailableError("no configuration could run: " + "; ".join(s["reason"] for s in report["skipped"]))
-    report["machine"]["load_average_end"] = machine_info()["load_average"]
+    report["machine"]["load_average_end"] = load_average()
     report["machine"]["other_processes_cores"] = other_cpu.cores()
     if json_out is not None:
         write_json(report, json_out)
     if print_table:
         print(format_table(report), flush=True)
     return report
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _logger(enabled: bool) -> Callable[[str], None]:

@@ -83,11 +83,12 @@ def profile_graphs(model_dir: str | Path, precision: str = "fp32", *, batch: int
 
     Profiling covers every run including the first (ORT cannot switch it on later), so the first,
     which allocates, is amortized over `runs`; use runs >= 20 for figures close to steady state."""
+    from captrt.bench.machine import usable_cores
     from captrt.runtime.model_dir import ModelDir
 
     mdir = ModelDir.load(model_dir)
     mdir.require_precision(precision)
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch, mdir.image_size, mdir.image_size, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,6 @@ class TimedEngine:
         self._engine = engine
         self.encode_ms: list[float] = []
         self.step_ms: list[float] = []
-        self.step_beams: list[int] = []  # K of each step call (1 for a search's first step)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -56,7 +55,6 @@ class TimedEngine:
     def reset(self) -> None:
         self.encode_ms.clear()
         self.step_ms.clear()
-        self.step_beams.clear()
 
     def encode(self, images: np.ndarray):
         t = now_ms()
@@ -68,35 +66,7 @@ class TimedEngine:
         t = now_ms()
         out = self._engine.step(state, tokens, origin, want_alpha=want_alpha)
         self.step_ms.append(now_ms() - t)
-        self.step_beams.append(int(tokens.shape[1]))
         return out
-
-
-def locate_checkpoint(model: ModelDir, checkpoint: str | Path | None) -> Path:
-    """The checkpoint the directory was exported from: `checkpoint` if given, else captrt.json's
-    source.checkpoint (the torch engine's rule), else a file of that base name in the directory,
-    beside it, or one folder down from its parent (e.g. demo_out/run/best.pt for demo_out/model,
-    or a directory copied from another machine). Every candidate must match
-    source.checkpoint_sha256 when one is recorded: a file of the same name with other weights is refused."""
-    from captrt.train.torch_engine import find_checkpoint
-    from captrt.runtime.errors import ModelDirError
-
-    try:
-        return find_checkpoint(model, checkpoint)
-    except ModelDirError:
-        source = model.manifest.get("source") if isinstance(model.manifest.get("source"), dict) else {}
-        recorded = source.get("checkpoint")
-        if checkpoint is not None or not isinstance(recorded, str) or not Path(recorded).name:
-            raise
-        name = Path(recorded).name
-        candidates = [model.path / name, model.path.parent / name, *sorted(model.path.parent.glob(f"*/{name}"))]
-        for candidate in candidates:
-            if candidate.is_file():
-                try:
-                    return find_checkpoint(model, candidate)  # checks the sha256
-                except ModelDirError:
-                    continue
-        raise
 
 
 class EngineRunner:
@@ -106,9 +76,7 @@ class EngineRunner:
                  checkpoint: str | Path | None = None):
         from captrt.runtime.engines import create_engine
 
-        options: dict[str, Any] = {}
-        if name == "torch":
-            options["checkpoint"] = locate_checkpoint(model, checkpoint)
+        options: dict[str, Any] = {"checkpoint": checkpoint} if name == "torch" else {}
         self.name, self.model, self.precision = name, model, precision
         self.engine = create_engine(name, model, device=device, precision=precision, threads=threads, **options)
         self.timed = TimedEngine(self.engine)
@@ -152,12 +120,12 @@ class ReferenceRunner:
     def __init__(self, model: ModelDir, *, threads: int | None, checkpoint: str | Path | None = None):
         import torch
 
-        from captrt.train.torch_engine import load_source_checkpoint
+        from captrt.train.torch_engine import find_checkpoint, load_source_checkpoint
 
         if threads is not None:
             torch.set_num_threads(threads)
-        path, ckpt = load_source_checkpoint(model, locate_checkpoint(model, checkpoint))
-        self.model, self.checkpoint = model, path
+        self.model, self.checkpoint = model, find_checkpoint(model, checkpoint)
+        ckpt = load_source_checkpoint(model, self.checkpoint)
         self.net = ckpt.build_model("cpu")
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,10 @@ from captrt.export.errors import ExportError
 from captrt.export.fp16 import convert_to_fp16
 from captrt.export.graphs import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS,
                                   DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs)
-from captrt.export.manifest import GRAPH_FILES, MAX_STEPS, build_manifest, graph_entry, sha256_file, write_json
+from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_manifest, graph_entry, sha256_file,
+                                    write_json)
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
-from captrt.export.ops import tensorrt_problems
+from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
 from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity,
                                   parity_report, run_beam_searches, torch_threads)
 from captrt.export.progress import Progress
@@ -68,26 +68,13 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
             + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else ""))
 
     try:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            _chmod_like_mkdir(tmp)
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # mode follows the umask
             manifest = _export_into(tmp, model, vocab, source, log, timer, opset=opset, max_beam=max_beam,
                                     fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force)
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
     log.say(f"wrote {out_dir} in {timer():.0f}s")
     return manifest
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """The temporary directory is created 0700; give the model directory mkdir's usual mode (umask)."""
-    umask = 0o022
-    try:  # Linux exposes the umask without the racy os.umask(0) round trip
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    os.chmod(path, 0o777 & ~umask)
 
 
 def _check_arguments(out_dir: Path, opset: int, max_beam: int, parity_count: int, calib_count: int,
@@ -100,10 +87,10 @@ def _check_arguments(out_dir: Path, opset: int, max_beam: int, parity_count: int
                              ("calib_count", calib_count, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ExportError(f"{name}: expected an integer >= {low}, got {value!r}")
-    if opset > 20:
-        raise ExportError(f"opset {opset}: TensorRT 10 parses opsets up to 20")
-    if max_beam >= 3840:
-        raise ExportError(f"max_beam {max_beam}: TensorRT's TopK needs K < 3840")
+    if opset > TENSORRT_MAX_OPSET:
+        raise ExportError(f"opset {opset}: TensorRT 10 parses opsets up to {TENSORRT_MAX_OPSET}")
+    if max_beam >= TOPK_MAX_K:
+        raise ExportError(f"max_beam {max_beam}: TensorRT's TopK needs K < {TOPK_MAX_K}")
     if (calib_json is None) != (calib_images is None):
         raise ExportError("calibration needs both the dataset JSON (--calib) and its image root (--images)")
 
@@ -120,7 +107,13 @@ def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vo
             raise ExportError(str(exc)) from None
         if word_map is None:
             raise ExportError(f"{exc} Or export it directly with its vocabulary: --word-map WORDMAP.json") from None
-        ckpt, kind = _load_legacy(checkpoint, word_map)
+        from captrt.train.convert import import_legacy  # lazily: legacy support is optional
+
+        try:
+            ckpt = import_legacy(checkpoint, word_map=word_map)
+        except ValueError as exc:  # LegacyCheckpointError and friends name the file
+            raise ExportError(str(exc)) from None
+        kind = f"legacy-{ckpt.metrics['imported_from']}"
     except Exception as exc:  # e.g. KeyError from torch's unpickler on arbitrary bytes
         raise ExportError(f"{checkpoint}: unreadable, not a checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if word_map is not None and kind == "captrt":
@@ -139,20 +132,6 @@ def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vo
     if word_map is not None:
         source["word_map"] = str(Path(word_map).resolve())
     return model, ckpt.vocab, source
-
-
-def _load_legacy(checkpoint: Path, word_map: str):
-    """Imported lazily: legacy support is optional."""
-    from captrt.train.checkpoint import Checkpoint
-    from captrt.train.legacy import build_vocab_for_legacy, load_legacy_checkpoint
-
-    try:
-        imported = load_legacy_checkpoint(checkpoint)
-        vocab = build_vocab_for_legacy(word_map, None, expected_size=imported.config.vocab_size)
-    except ValueError as exc:  # LegacyCheckpointError and friends name the file
-        raise ExportError(str(exc)) from None
-    ckpt = Checkpoint(imported.config, vocab, imported.encoder_state, imported.decoder_state, path=str(checkpoint))
-    return ckpt, f"legacy-{imported.source_format}"
 
 
 def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
@@ -232,7 +211,7 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
                 "parity_images": parity_set.source, "seconds": round(timer(), 1)}
     manifest = build_manifest(cfg, vocab, opset=opset, max_beam=max_beam, graphs=graphs, parity=parity,
                               source=source, exporter=exporter)
-    write_json(tmp / "captrt.json", manifest)
+    write_json(tmp / MANIFEST, manifest)
     return manifest
 
 

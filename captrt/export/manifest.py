@@ -8,13 +8,11 @@ from typing import Any
 
 from captrt import __version__
 from captrt.hashing import sha256_file  # noqa: F401  (re-exported for the exporter)
+from captrt.runtime.model_dir import FORMAT, FORMAT_VERSION, MANIFEST, MAX_STEPS  # the reader owns the format
 from captrt.train.config import ModelConfig
 from captrt.train.model import IMAGENET_MEAN, IMAGENET_STD
 from captrt.vocab import Vocab
 
-FORMAT = "captrt-model"
-FORMAT_VERSION = 1
-MAX_STEPS = 50
 GRAPH_FILES = {
     "fp32": ("encoder.onnx", "decoder_step.onnx"),
     "fp16": ("encoder.fp16.onnx", "decoder_step.fp16.onnx"),

@@ -20,6 +20,7 @@ from captrt.vocab import Vocab
 
 FORMAT = "captrt-model"
 FORMAT_VERSION = 1
+MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
 GRAPHS = ("encoder", "decoder_step")
 _MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
@@ -62,16 +63,6 @@ class ModelDir:
     @property
     def num_pixels(self) -> int:
         return self.grid * self.grid
-
-    @property
-    def source_checkpoint(self) -> Path | None:
-        """The checkpoint the graphs were exported from (relative paths resolve against the directory)."""
-        src = self.manifest.get("source") or {}
-        ckpt = src.get("checkpoint") if isinstance(src, dict) else None
-        if not isinstance(ckpt, str) or not ckpt:
-            return None
-        p = Path(ckpt)
-        return p if p.is_absolute() else self.path / p
 
     def cache_dir(self, create: bool = True) -> Path:
         """MODEL_DIR/cache: TensorRT engines and timing caches (built locally, never shipped)."""
@@ -166,7 +157,7 @@ class ModelDir:
         dims = {k: _positive_int(model.get(k), f"{mpath}: model.{k}") for k in _MODEL_INT_FIELDS}
         grid = _positive_int(manifest.get("grid"), f"{mpath}: grid")
         max_beam = _positive_int(manifest.get("max_beam"), f"{mpath}: max_beam")
-        max_steps = _positive_int(manifest.get("max_steps", 50), f"{mpath}: max_steps")
+        max_steps = _positive_int(manifest.get("max_steps", MAX_STEPS), f"{mpath}: max_steps")
         if grid != dims["enc_size"]:
             raise ModelDirError(f"{mpath}: grid {grid} differs from model.enc_size {dims['enc_size']}")
         vocab = cls._load_vocab(root, mpath, manifest, dims["vocab_size"])

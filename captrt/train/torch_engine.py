@@ -1,8 +1,8 @@
 """The PyTorch engine: the checkpoint's own modules under the same batched beam search.
 
 Needs captrt[train] (torch, torchvision). The checkpoint comes from `checkpoint=` or from the model
-directory's captrt.json `source.checkpoint` (relative names are looked up in the model directory,
-then beside it), and must match `source.checkpoint_sha256` when the manifest records one.
+directory's captrt.json `source.checkpoint`, looked up as find_checkpoint says, and must match
+`source.checkpoint_sha256` when the manifest records one.
 """
 
 from __future__ import annotations
@@ -33,32 +33,45 @@ class TorchState(DecodeState):
 
 
 def find_checkpoint(model: "ModelDir", checkpoint: str | Path | None) -> Path:
-    """The checkpoint to run: explicit, else the manifest's source.checkpoint (checked by sha256)."""
+    """The checkpoint the directory was exported from: `checkpoint` if given, else captrt.json's
+    source.checkpoint (absolute as recorded; relative in the directory, then beside it), else a file
+    of that base name in the directory, beside it or one folder down from its parent (demo_out/run/
+    best.pt for demo_out/model, or a directory copied from another machine). When source.checkpoint_sha256
+    is recorded, the file must match it: a file of the same name with other weights is refused."""
     source = model.manifest.get("source") if isinstance(model.manifest.get("source"), dict) else {}
     expected = source.get("checkpoint_sha256")
+    expected = expected.lower() if isinstance(expected, str) and expected else None
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise ModelDirError(f"{path}: no such checkpoint file (checkpoint=)")
+        candidates = [path]
     else:
         name = source.get("checkpoint")
         if not isinstance(name, str) or not name:
             raise ModelDirError(f"{model.manifest_path}: no source.checkpoint recorded; pass checkpoint=PATH")
         given = Path(name)
-        candidates = [given] if given.is_absolute() else [model.path / given, model.path.parent / given]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
+        recorded = [given] if given.is_absolute() else [model.path / given, model.path.parent / given]
+        nearby = [model.path / given.name, model.path.parent / given.name,
+                  *sorted(model.path.parent.glob(f"*/{given.name}"))] if given.name else []
+        candidates = list(dict.fromkeys(p for p in recorded + nearby if p.is_file()))
+        if not candidates:
             raise ModelDirError(f"{model.manifest_path}: source checkpoint {name!r} not found (looked at "
-                                f"{', '.join(str(p) for p in candidates)}); pass checkpoint=PATH")
-    if isinstance(expected, str) and expected:
-        actual = sha256_file(path)
-        if actual != expected.lower():
-            raise ModelDirError(f"{path}: sha256 {actual} differs from captrt.json source.checkpoint_sha256 "
-                                f"{expected}: not the checkpoint this model directory was exported from")
-    return path
+                                f"{', '.join(str(p) for p in recorded)} and for {given.name!r} near the "
+                                "directory); pass checkpoint=PATH")
+    if expected is None:
+        return candidates[0]
+    digests = {}
+    for path in candidates:
+        digests[path] = sha256_file(path)
+        if digests[path] == expected:
+            return path
+    first = candidates[0]
+    raise ModelDirError(f"{first}: sha256 {digests[first]} differs from captrt.json source.checkpoint_sha256 "
+                        f"{expected}: not the checkpoint this model directory was exported from")
 
 
-def load_source_checkpoint(model: "ModelDir", path: Path) -> tuple[Path, Any]:
+def load_source_checkpoint(model: "ModelDir", path: Path) -> Any:
     """Load the checkpoint at `path` and check it matches the directory's vocabulary and grid."""
     from captrt.train.checkpoint import CheckpointError, load_checkpoint
 
@@ -70,7 +83,7 @@ def load_source_checkpoint(model: "ModelDir", path: Path) -> tuple[Path, Any]:
         raise ModelDirError(f"{path}: its vocabulary differs from {model.path / 'vocab.json'}")
     if ckpt.config.enc_size != model.grid:
         raise ModelDirError(f"{path}: enc_size {ckpt.config.enc_size} differs from captrt.json grid {model.grid}")
-    return path, ckpt
+    return ckpt
 
 
 class TorchEngine(Engine):
@@ -90,8 +103,8 @@ class TorchEngine(Engine):
                                          "(install a CUDA build of torch and check the driver), or use device='cpu'")
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide in PyTorch: set only when asked
-        path, ckpt = load_source_checkpoint(model, find_checkpoint(model, checkpoint))
-        self.checkpoint = path
+        self.checkpoint = find_checkpoint(model, checkpoint)
+        ckpt = load_source_checkpoint(model, self.checkpoint)
         self._device = torch.device(device)
         net = ckpt.build_model(self._device)
         self._encoder = EncoderGraph(net).eval()

@@ -384,8 +384,9 @@ def test_fp16_without_an_fp16_export_uses_the_builder_flag(gpu_model, engines, t
 @pytest.mark.slow
 def test_fp16_export_is_built_strongly_typed(gpu_model, engines, tmp_path):
     from captrt.export.exporter import export_model
+    from captrt.train.torch_engine import find_checkpoint
 
-    export_model(gpu_model.source_checkpoint, tmp_path / "m16", max_beam=5, fp16=True, force=True, progress=False,
+    export_model(find_checkpoint(gpu_model, None), tmp_path / "m16", max_beam=5, fp16=True, force=True, progress=False,
                  parity_count=4)
     model16 = ModelDir.load(tmp_path / "m16")
     eng = TrtEngine(model16, device="cuda", precision="fp16", max_batch=4, cache_dir=tmp_path / "cache")
