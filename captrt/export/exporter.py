@@ -290,8 +290,9 @@ class _ParityChecker:
         with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
             numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
             with self.log.bar(len(self.set), f"{precision} beam search") as tick:
-                tokens = run_beam_searches(enc_s, dec_s, self.set.images, self.vocab.start, self.vocab.end,
-                                           self.beam, MAX_STEPS, tick)
+                results = run_beam_searches(enc_s, dec_s, self.set.images, self.vocab.start, self.vocab.end,
+                                            len(self.vocab), self.beam, MAX_STEPS, tick)
+            tokens = [r.tokens for r in results]
             captions = caption_parity(self.reference, tokens, self.vocab.decode, self.set.captions, self.set.names)
         report = parity_report(numeric, captions, beam_size=self.beam, max_steps=MAX_STEPS, strict=strict,
                                seconds=timer())

@@ -4,9 +4,9 @@ Two measurements per precision variant:
 1. numeric: encoder outputs and a few decoder steps (several beams, shuffled origins so the
    in-graph gather is exercised), ONNX Runtime end to end vs PyTorch end to end, as max abs and
    max relative differences (relative = max |onnx - torch| / max |torch| per tensor);
-2. captions: a minimal beam search over decoder_step.onnx (`onnx_beam_search`, the same
-   algorithm as captrt.train.reference, step by step) compared token for token with
-   `reference_beam_search`, plus corpus BLEU-4 of both against references.
+2. captions: the runtime's batched beam search (captrt.runtime.beam, over the two sessions)
+   compared token for token with `reference_beam_search`, plus corpus BLEU-4 of both against
+   references.
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from captrt.train.model import CaptionModel, normalize_uint8
-from captrt.runtime.beam import length_penalty_factor
 
 FP32_MAX_REL_DIFF = 1e-3  # fp32 fails parity above this (per tensor, relative to its max magnitude)
 NUMERIC_KEYS = ("features", "att_proj", "h", "c", "alpha", "logp")
+PARITY_BATCH = 8  # images per batched search (progress moves per batch)
 
 
 def make_session(model_bytes: bytes, threads: int | None = None):
@@ -37,59 +36,6 @@ def make_session(model_bytes: bytes, threads: int | None = None):
 
     so = session_options(threads or min(os.cpu_count() or 1, 4))
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-
-
-@dataclass
-class BeamResult:
-    tokens: list[int]  # without <start> and <end>
-    score: float
-    finished: bool
-
-
-def onnx_beam_search(decoder, enc: Sequence[np.ndarray], start: int, end: int, beam_size: int = 5,
-                     max_steps: int = 50, length_penalty: float = 0.0) -> BeamResult:
-    """Beam search for one image over a decoder_step session; enc = (features, att_proj, h0, c0) with N=1.
-
-    Mirrors captrt.train.reference step by step: the first step expands the single start beam,
-    later steps pick the best beam_size of all (slot, candidate) scores; finished hypotheses
-    leave the beam; the best finished one (raw score / length penalty) wins.
-    """
-    features, att_proj, h0, c0 = enc
-    k = beam_size
-    tokens = np.array([[start]], dtype=np.int64)
-    origin = np.zeros((1, 1), dtype=np.int64)
-    h, c = h0[:, None], c0[:, None]  # (1, 1, H): K_prev = 1 at the first step
-    seqs: list[list[int]] = [[start]]
-    top = np.zeros(1, dtype=np.float32)
-    done: list[tuple[list[int], float]] = []
-    step = 1
-    while True:
-        feed = {"tokens": tokens, "origin": origin, "h": h, "c": c, "features": features, "att_proj": att_proj}
-        h, c, cand_logp, cand_ids = decoder.run(["h_out", "c_out", "cand_logp", "cand_ids"], feed)
-        width = cand_logp.shape[2]  # C candidates per slot: exact as long as beam_size <= C
-        if beam_size > width:
-            raise ValueError(f"beam_size {beam_size} exceeds the graph's {width} candidates per beam (max_beam)")
-        scores = top[:, None] + cand_logp[0]  # (K, C)
-        flat = scores.reshape(-1)
-        order = np.argsort(-flat, kind="stable")[:k]
-        parents, words, new_scores = order // width, cand_ids[0].reshape(-1)[order], flat[order]
-        new_seqs = [seqs[p] + [int(w)] for p, w in zip(parents, words)]
-        incomplete = [i for i, w in enumerate(words) if w != end]
-        done.extend((new_seqs[i], float(new_scores[i])) for i in range(len(words)) if words[i] == end)
-        k -= len(words) - len(incomplete)
-        if k == 0 or step >= max_steps:
-            break
-        seqs = [new_seqs[i] for i in incomplete]
-        top = new_scores[incomplete]
-        tokens = words[incomplete][None].astype(np.int64)
-        origin = parents[incomplete][None].astype(np.int64)
-        step += 1
-    if done:
-        ranked = [s / length_penalty_factor(len(q) - 1, length_penalty) for q, s in done]
-        seq, score = done[ranked.index(max(ranked))]
-        return BeamResult(seq[1:-1], score, True)
-    best = incomplete[0]
-    return BeamResult(new_seqs[best][1:], float(new_scores[best]), False)
 
 
 @torch.no_grad()
@@ -177,15 +123,24 @@ def caption_parity(reference_tokens: Sequence[list[int]], variant_tokens: Sequen
             "bleu4_change": round(bleu_var - bleu_ref, 6), "mismatches": mismatches}
 
 
-def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int, beam_size: int,
-                      max_steps: int, tick: Callable[[], None] | None = None) -> list[list[int]]:
-    """ONNX beam search captions (token ids) for each uint8 image."""
+def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int, vocab_size: int,
+                      beam_size: int, max_steps: int, tick: Callable[[], None] | None = None,
+                      batch: int = PARITY_BATCH) -> list:
+    """BeamResults (tokens, score, finished) of uint8 images (M, S, S, 3) by the runtime's own batched
+    beam search (captrt.runtime.beam) over the two sessions: the parity gate checks what users run."""
+    from captrt.runtime.beam import beam_search
+    from captrt.runtime.engines.ort import SessionEngine
+
+    width = next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1]  # C, max_beam
+    engine = SessionEngine(encoder, decoder, width)
     out = []
-    for image in images:
-        enc = encoder.run(None, {"image": image[None]})
-        out.append(onnx_beam_search(decoder, enc, start, end, beam_size, max_steps).tokens)
-        if tick:
-            tick()
+    for s in range(0, len(images), batch):
+        results = beam_search(engine, images[s:s + batch], start=start, end=end, vocab_size=vocab_size,
+                              beam_size=beam_size, max_steps=max_steps)
+        for r in results:
+            out.append(r)
+            if tick:
+                tick()
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from captrt.export.exporter import export_model
 from captrt.export.images import synthetic
 from captrt.export.ops import op_histogram, tensorrt_problems
-from captrt.export.parity import make_session, onnx_beam_search
+from captrt.export.parity import make_session, run_beam_searches
 from captrt.train.checkpoint import load_checkpoint
 from captrt.train.model import normalize_uint8
 from captrt.train.reference import reference_beam_search
@@ -136,9 +136,9 @@ def test_onnx_beam_search_is_token_identical_on_fresh_images(exported):
     v = exported.vocab
     lengths = set()
     torch.set_num_threads(1)
-    for image in images:
+    got_all = run_beam_searches(enc, dec, images, v.start, v.end, len(v), 5, 50, batch=5)  # batched, as users run it
+    for image, got in zip(images, got_all):
         ref = reference_beam_search(exported.model, normalize_uint8(torch.from_numpy(image[None]))[0], v.start, v.end, 5, 50)
-        got = onnx_beam_search(dec, enc.run(None, {"image": image[None]}), v.start, v.end, 5, 50)
         assert got.tokens == ref.tokens
         assert got.finished == ref.finished
         assert abs(got.score - ref.score) < 1e-3

@@ -83,7 +83,51 @@ class _Closed:
         raise RuntimeError("this Captioner/engine was closed")
 
 
-class OrtEngine(Engine):
+class SessionEngine(Engine):
+    """ONNX Runtime decoding on the host over two sessions: numpy in, numpy out.
+
+    OrtEngine opens its sessions from a model directory; the exporter's parity gate uses this class
+    on graphs that are not in a model directory yet, so it checks the very search users run."""
+
+    name = "ort"
+
+    def __init__(self, encoder: Any, decoder: Any, max_beam: int, *, model: "ModelDir | None" = None,
+                 device: str = "cpu", precision: str = "fp32", threads: int | None = None):
+        super().__init__(model, device=device, precision=precision, threads=threads)  # type: ignore[arg-type]
+        self.encoder, self.decoder, self._max_beam = encoder, decoder, int(max_beam)
+
+    @property
+    def max_beam(self) -> int:
+        return self._max_beam
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.get_providers()[0]
+
+    def encode(self, images: np.ndarray) -> DecodeState:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        features, att_proj, h0, c0 = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
+        n = images.shape[0]
+        return HostState(batch=n, beams=1, features=features, att_proj=att_proj,
+                         h=h0.reshape(n, 1, -1), c=c0.reshape(n, 1, -1))
+
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+        assert isinstance(state, HostState)
+        feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64),
+                 "origin": np.ascontiguousarray(origin, dtype=np.int64), "h": state.h, "c": state.c,
+                 "features": state.features, "att_proj": state.att_proj}
+        h, c, alpha, cand_logp, cand_ids = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+        state.h, state.c, state.beams = h, c, tokens.shape[1]
+        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None)
+
+    def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
+        assert isinstance(state, HostState)
+        state.features, state.att_proj = state.features[rows], state.att_proj[rows]
+        state.h, state.c, state.batch = state.h[rows], state.c[rows], len(rows)
+        return state
+
+
+class OrtEngine(SessionEngine):
     """ONNX Runtime. Options: providers ('cpu' | 'cuda' | 'tensorrt'; default from device),
     device_id (0), max_batch / opt_batch / opt_beam (TensorRT profiles), log_level (3),
     io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast)."""
@@ -96,7 +140,6 @@ class OrtEngine(Engine):
                  io_binding: bool | None = None, **options: Any):
         if options:
             raise ValueError(f"engine 'ort': unknown option(s) {sorted(options)}")
-        super().__init__(model, device=device, precision=precision, threads=threads)
         kind = providers or device
         if kind not in _PROVIDER_NAMES:
             raise ValueError(f"providers: expected 'cpu', 'cuda' or 'tensorrt', got {providers!r}")
@@ -116,8 +159,10 @@ class OrtEngine(Engine):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         trt = tensorrt_options(model, precision, max_batch, opt_batch, opt_beam) if kind == "tensorrt" else None
-        self.encoder = self._session(model, variant, "encoder", so, trt)
-        self.decoder = self._session(model, variant, "decoder_step", so, trt)
+        encoder = self._session(model, variant, "encoder", so, trt)
+        decoder = self._session(model, variant, "decoder_step", so, trt)
+        super().__init__(encoder, decoder, model.max_beam, model=model, device=device, precision=precision,
+                         threads=threads)
         self._check_io()
         self._provider = self.decoder.get_providers()[0]
         self._cuda = None
@@ -178,35 +223,22 @@ class OrtEngine(Engine):
     def provider(self) -> str:
         return self._provider
 
-    # -- host path (CPU) ---------------------------------------------------------------------------
+    # -- the host path is SessionEngine's; IO binding keeps the state on the device -----------------
     def encode(self, images: np.ndarray) -> DecodeState:
-        images = np.ascontiguousarray(images, dtype=np.uint8)
         if self._cuda is not None:
-            return self._cuda.encode(images)
-        features, att_proj, h0, c0 = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
-        n = images.shape[0]
-        return HostState(batch=n, beams=1, features=features, att_proj=att_proj,
-                         h=h0.reshape(n, 1, -1), c=c0.reshape(n, 1, -1))
+            return self._cuda.encode(np.ascontiguousarray(images, dtype=np.uint8))
+        return super().encode(images)
 
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        origin = np.ascontiguousarray(origin, dtype=np.int64)
         if self._cuda is not None:
-            return self._cuda.step(state, tokens, origin, want_alpha)
-        assert isinstance(state, HostState)
-        feeds = {"tokens": tokens, "origin": origin, "h": state.h, "c": state.c,
-                 "features": state.features, "att_proj": state.att_proj}
-        h, c, alpha, cand_logp, cand_ids = self.decoder.run(list(DECODER_OUTPUTS), feeds)
-        state.h, state.c, state.beams = h, c, tokens.shape[1]
-        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None)
+            return self._cuda.step(state, np.ascontiguousarray(tokens, dtype=np.int64),
+                                   np.ascontiguousarray(origin, dtype=np.int64), want_alpha)
+        return super().step(state, tokens, origin, want_alpha=want_alpha)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         if self._cuda is not None:
             return self._cuda.select(state, rows)
-        assert isinstance(state, HostState)
-        state.features, state.att_proj = state.features[rows], state.att_proj[rows]
-        state.h, state.c, state.batch = state.h[rows], state.c[rows], len(rows)
-        return state
+        return super().select(state, rows)
 
     def release(self, state: DecodeState) -> None:
         if self._cuda is not None:
