@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-serve clean
 
 install: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision are pinned; pip takes them from this machine's local wheels.
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,serve,dev]'
 	touch $(STAMP)
 
 demo: install
@@ -23,6 +23,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run_suite.py
+
+bench-serve: install
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -191,6 +191,44 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
 
 
 @app.command()
+def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
+          engine: str = typer.Option("ort", "--engine", help="ort | trt | torch"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
+          precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+          providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. tensorrt"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="engine threads (default: all cores)"),
+          host: str = typer.Option("127.0.0.1", "--host", help="bind address (loopback by default)"),
+          port: int = typer.Option(8000, "--port"),
+          max_batch: int = typer.Option(16, "--max-batch", help="images per batched engine call (1 = no batching)"),
+          max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="longest wait of the oldest image for a fuller batch"),
+          queue: int = typer.Option(256, "--queue", help="images waiting before 503"),
+          timeout_s: float = typer.Option(30.0, "--timeout-s", help="504 for requests older than this"),
+          api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="environment variable holding the API key"),
+          max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="request body cap in MiB"),
+          max_images: int = typer.Option(32, "--max-images", help="images per request"),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap on max_steps (default: the model's)"),
+          log_level: str = typer.Option("info", "--log-level")):
+    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs captrt[serve])."""
+    try:
+        from captrt.serve.config import MIB, ServeConfig
+        from captrt.serve.server import serve as run_service
+    except ImportError as exc:
+        _fail(RuntimeError(f"{exc}: install the service extra with pip install 'captrt[serve]'"))
+    from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+    config = ServeConfig(model=model, engine=engine, device=device, precision=precision, providers=providers,
+                         threads=threads, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
+                         max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
+                         log_level=log_level)
+    try:
+        code = run_service(config)
+    except (ModelDirError, EngineUnavailableError, ValueError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "-o", "--out"),
          images: int = typer.Option(1600, "--images"),
          epochs: int = typer.Option(8, "--epochs")):

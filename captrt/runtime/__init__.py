@@ -11,6 +11,7 @@ by the engine that needs them and torch only by engine="torch".
 
 from captrt.runtime.captioner import Caption, Captioner
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.preprocess import InvalidImageError
+from captrt.runtime.preprocess import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
-__all__ = ["Caption", "Captioner", "EngineUnavailableError", "InvalidImageError", "ModelDirError"]
+__all__ = ["Caption", "Captioner", "EngineUnavailableError", "ImageTooLargeError", "InvalidImageError", "ModelDirError",
+           "UnsupportedImageFormatError"]

@@ -54,6 +54,20 @@ class Caption:
     def ok(self) -> bool:
         return self.error is None
 
+    def to_dict(self, attention: bool = False) -> dict[str, Any]:
+        """JSON-ready: {"caption", "tokens", "score", "finished", "error"} (+ "attention" as nested
+        (T, grid, grid) lists when asked and present). An unreadable image has caption/score None."""
+        if self.error is not None:
+            record: dict[str, Any] = {"caption": None, "tokens": [], "score": None, "finished": False,
+                                      "error": self.error}
+        else:
+            score = self.score if math.isfinite(self.score) else None
+            record = {"caption": self.text, "tokens": list(self.tokens), "score": score,
+                      "finished": self.finished, "error": None}
+        if attention:
+            record["attention"] = self.attention.tolist() if self.attention is not None else None
+        return record
+
 
 def _as_list(images: Any) -> list[Any]:
     """A single image (path, bytes, file object, PIL image, (H, W[, C]) array) or many -> list."""
@@ -120,6 +134,28 @@ class Captioner:
     @property
     def max_beam(self) -> int:
         return min(self.model.max_beam, self.engine.max_beam)
+
+    def info(self) -> dict[str, Any]:
+        """The public facts of what runs: model id, vocabulary, grid, limits, precisions, engine, provider."""
+        m = self.model
+        return {"id": m.model_id, "backbone": m.manifest.get("model", {}).get("backbone"),
+                "vocab_size": m.vocab_size, "grid": m.grid, "image_size": m.image_size,
+                "max_beam": self.max_beam, "max_steps": m.max_steps, "precisions": list(m.precisions),
+                "precision": self.engine.precision, "engine": self.engine.name, "device": self.engine.device,
+                "provider": self.provider}
+
+    def read_image(self, source: Any, name: str | None = None) -> np.ndarray:
+        """Decode one image as caption() would -> uint8 (S, S, 3), with this Captioner's format and size
+        limits. Lets a caller decode ahead (e.g. on other threads) and pass the arrays to caption().
+        name: how errors name the source. Raises InvalidImageError (or its subclasses)."""
+        return load_image(source, self.model.image_size, name=name, **self.image_options)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), beam_size: int = 5) -> None:
+        """Run a short search per batch size so the first real request pays no session/allocator set-up."""
+        beam_size = min(beam_size, self.max_beam)
+        blank = np.full((self.model.image_size, self.model.image_size, 3), 127, np.uint8)
+        for n in batch_sizes:
+            self.caption([blank] * n, beam_size=beam_size, max_steps=2, batch_size=n)
 
     def caption(self, images: Any, beam_size: int = 5, max_steps: int = 50, length_penalty: float = 0.0,
                 return_attention: bool = False, batch_size: int = 16) -> list[Caption]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -79,13 +78,7 @@ def _attention_name(path: str, used: set[str]) -> str:
 
 
 def _json_line(path: str, cap: Any) -> str:
-    if cap.error is not None:
-        record = {"image": path, "caption": None, "tokens": [], "score": None, "finished": False, "error": cap.error}
-    else:
-        score = cap.score if math.isfinite(cap.score) else None
-        record = {"image": path, "caption": cap.text, "tokens": cap.tokens, "score": score,
-                  "finished": cap.finished, "error": None}
-    return json.dumps(record, ensure_ascii=False)
+    return json.dumps({"image": path, **cap.to_dict()}, ensure_ascii=False)
 
 
 def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None,

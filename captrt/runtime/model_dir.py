@@ -45,12 +45,18 @@ class ModelDir:
     image_size: int
     dims: dict[str, int]  # the manifest's "model" integers: encoder_dim, decoder_dim, vocab_size, ...
     graphs: dict[str, dict[str, dict[str, str]]]  # precision -> graph -> {"file", "sha256"}
+    manifest_sha256: str = ""  # of captrt.json's bytes: it lists every graph's sha256, so it names the model
     _verified: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
+
+    @property
+    def model_id(self) -> str:
+        """'<directory name>@<first 12 hex of captrt.json's sha256>': changes whenever any graph changes."""
+        return f"{self.path.name}@{self.manifest_sha256[:12]}"
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -136,7 +142,8 @@ class ModelDir:
             raise ModelDirError(f"{mpath}: missing; {root} is not a captrt model directory "
                                 "(create one with `captrt export`)")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            raw = mpath.read_bytes()
+            manifest = json.loads(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelDirError(f"{mpath}: unreadable manifest: {exc}") from None
         if not isinstance(manifest, dict):
@@ -147,7 +154,9 @@ class ModelDir:
         if version != FORMAT_VERSION:
             raise ModelDirError(f"{mpath}: format_version {version!r} is not supported (this captrt reads "
                                 f"{FORMAT_VERSION}); use a matching captrt version or re-export the model")
-        return cls._from_manifest(root, mpath, manifest)
+        model_dir = cls._from_manifest(root, mpath, manifest)
+        model_dir.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        return model_dir
 
     @classmethod
     def _from_manifest(cls, root: Path, mpath: Path, manifest: dict[str, Any]) -> "ModelDir":

@@ -70,6 +70,14 @@ class InvalidImageError(ValueError):
     """An input that is not a decodable image; message names the source (path or '<bytes>' etc.)."""
 
 
+class UnsupportedImageFormatError(InvalidImageError):
+    """A recognised image format that is not on the allow-list (e.g. TIFF when only JPEG/PNG/WEBP are accepted)."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """An image above the encoded-byte cap or the pixel cap (decompression bombs included)."""
+
+
 def describe_source(source: object) -> str:
     """A short name of ``source`` for error messages: the path, '<bytes 1234>', '<PIL image>', ..."""
     if isinstance(source, str):
@@ -92,7 +100,8 @@ def describe_source(source: object) -> str:
 
 
 def load_image(source: ImageSource, size: int = IMAGE_SIZE, *, formats: Iterable[str] = DEFAULT_FORMATS,
-               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> np.ndarray:
     """-> uint8 (size, size, 3) RGB: decode, EXIF-transpose, RGB, resize with Pillow bilinear.
 
     source: a path, encoded bytes (bytes/bytearray/memoryview), a binary file object (read from its
@@ -100,12 +109,15 @@ def load_image(source: ImageSource, size: int = IMAGE_SIZE, *, formats: Iterable
     formats: Pillow format names accepted when decoding bytes/paths/files (MPO counts as JPEG).
     max_bytes: encoded size cap, checked before decoding. max_pixels: width*height cap, checked
     before pixel data is decoded (for every source type).
+    name: how error messages name the source (default: describe_source, e.g. the path or '<bytes N>');
+    a service passes e.g. the upload's part name.
     Raises InvalidImageError (a ValueError naming the source) for anything that is not a usable
-    image, TypeError for an unsupported source type.
+    image: UnsupportedImageFormatError for a recognised format off the allow-list,
+    ImageTooLargeError above a cap. TypeError for an unsupported source type.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
-    name = describe_source(source)
+    name = describe_source(source) if name is None else name
     if isinstance(source, np.ndarray):
         return _finish(_image_from_array(source, name), name, size, max_pixels)
     if isinstance(source, Image.Image):
@@ -149,14 +161,14 @@ def _read_bytes(source: object, name: str, max_bytes: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         length = source.nbytes if isinstance(source, memoryview) else len(source)
         if length > max_bytes:
-            raise InvalidImageError(f"{too_big} ({length} bytes)")
+            raise ImageTooLargeError(f"{too_big} ({length} bytes)")
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
         try:
             with open(source, "rb") as f:
                 length = os.fstat(f.fileno()).st_size
                 if length > max_bytes:  # refuse from the size alone, before reading anything
-                    raise InvalidImageError(f"{too_big} ({length} bytes)")
+                    raise ImageTooLargeError(f"{too_big} ({length} bytes)")
                 data = f.read(max_bytes + 1)  # bounded: the file may have grown, or be a pipe
         except FileNotFoundError:
             raise InvalidImageError(f"{name}: no such file") from None
@@ -182,7 +194,7 @@ def _read_bytes(source: object, name: str, max_bytes: int) -> bytes:
         raise TypeError(f"load_image: unsupported source type {type(source).__name__} (expected a path, "
                         "bytes, a binary file object, a PIL image or a uint8 ndarray)")
     if len(data) > max_bytes:
-        raise InvalidImageError(f"{too_big} (read more than {max_bytes} bytes)")
+        raise ImageTooLargeError(f"{too_big} (read more than {max_bytes} bytes)")
     return data
 
 
@@ -210,7 +222,7 @@ def _check_dimensions(dims: tuple[int, int], name: str, max_pixels: int) -> None
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{name}: empty image ({width}x{height})")
     if width * height > max_pixels:
-        raise InvalidImageError(f"{name}: {width}x{height} is {width * height} pixels, above the "
+        raise ImageTooLargeError(f"{name}: {width}x{height} is {width * height} pixels, above the "
                                 f"{max_pixels}-pixel limit (possible decompression bomb)")
 
 
@@ -237,14 +249,14 @@ def _decode(data: bytes, name: str, size: int, formats: tuple[str, ...], max_pix
             sniffed = _sniff(data)
             allowed = ", ".join(formats)
             if sniffed and sniffed not in formats:
-                raise InvalidImageError(f"{name}: {sniffed} images are not accepted (allowed: {allowed})") from None
+                raise UnsupportedImageFormatError(f"{name}: {sniffed} images are not accepted (allowed: {allowed})") from None
             raise InvalidImageError(f"{name}: not a recognized image (allowed formats: {allowed})") from None
         except _DECODE_ERRORS as exc:
             raise _decode_error(name, exc) from exc
         with img:
             fmt = _FORMAT_ALIASES.get(img.format or "", img.format)
             if fmt not in formats:
-                raise InvalidImageError(f"{name}: {img.format} images are not accepted (allowed: {', '.join(formats)})")
+                raise UnsupportedImageFormatError(f"{name}: {img.format} images are not accepted (allowed: {', '.join(formats)})")
             _check_dimensions(img.size, name, max_pixels)
             try:
                 img.seek(0)  # frame 0 of animations (a no-op for still images)
@@ -256,7 +268,7 @@ def _decode(data: bytes, name: str, size: int, formats: tuple[str, ...], max_pix
 def _decode_error(name: str, exc: BaseException) -> InvalidImageError:
     """A clear InvalidImageError for a Pillow failure (the original stays chained as __cause__)."""
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return InvalidImageError(f"{name}: too many pixels (possible decompression bomb): {exc}")
+        return ImageTooLargeError(f"{name}: too many pixels (possible decompression bomb): {exc}")
     detail = str(exc) or type(exc).__name__
     return InvalidImageError(f"{name}: cannot decode image ({type(exc).__name__}: {detail})")
 

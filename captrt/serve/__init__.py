@@ -1,0 +1,25 @@
+"""captrt.serve: the runtime's Captioner behind an HTTP service (FastAPI + uvicorn, `captrt[serve]`).
+
+    from captrt.serve import ServeConfig, create_app, serve
+    serve(ServeConfig(model=Path("model_dir"), max_batch=16))      # what `captrt serve` does
+    app = create_app(ServeConfig(model=Path("model_dir")))          # or run the ASGI app yourself
+
+Built on the runtime's public API only (Captioner.load / read_image / caption / info / warmup);
+imports no torch unless engine='torch' is asked for.
+"""
+
+from captrt.serve.config import ServeConfig
+
+__all__ = ["ServeConfig", "create_app", "serve"]
+
+
+def __getattr__(name: str):  # fastapi/uvicorn load on first use: `captrt --help` stays fast
+    if name == "create_app":
+        from captrt.serve.app import create_app
+
+        return create_app
+    if name == "serve":
+        from captrt.serve.server import serve
+
+        return serve
+    raise AttributeError(name)

@@ -1,0 +1,200 @@
+"""Dynamic batching: images from concurrent requests share one beam search.
+
+Requests put decoded images (uint8 (S, S, 3)) into a bounded FIFO queue and await one future per
+image. One loop on the event loop forms batches: it looks at the oldest waiting image, gathers up
+to ``max_batch`` images with the same decoding parameters (oldest first) and starts the engine as
+soon as the batch is full or the oldest image has waited ``max_wait_s``. The engine runs on a single
+worker thread (it already uses every core), so the event loop never blocks on inference, and while
+one batch runs the next one fills up: under load, batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger("captrt.serve")
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """What a batch must agree on: images with different parameters never share a search."""
+
+    beam_size: int
+    max_steps: int
+    attention: bool = False
+    length_penalty: float = 0.0
+
+
+class QueueFullError(Exception):
+    """No room for the request's images; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, waiting: int, capacity: int, retry_after: int):
+        super().__init__(f"queue full: {waiting} images waiting (capacity {capacity}); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class BatcherClosedError(Exception):
+    """The service is shutting down and takes no new work."""
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray  # (S, S, 3) uint8
+    params: DecodeParams
+    future: asyncio.Future
+    enqueued: float  # loop.time()
+
+
+# run(pixels: list of (S, S, 3), params) -> one result per image, in order; called on the worker thread.
+RunBatch = Callable[[list[np.ndarray], DecodeParams], Sequence[Any]]
+
+
+class Batcher:
+    """Bounded queue + batch-forming loop. All methods but the worker call run on the event loop."""
+
+    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_s: float, capacity: int, metrics: Any = None):
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.capacity = capacity
+        self._metrics = metrics
+        self._queue: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._busy_s = 0.05  # running mean of one engine call: sizes Retry-After
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captrt-engine")
+
+    @property
+    def depth(self) -> int:
+        """Images waiting for the engine (not counting the batch that is running)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="captrt-batcher")
+
+    def submit(self, images: Sequence[np.ndarray], params: DecodeParams) -> list[asyncio.Future]:
+        """Queue a request's images (all or none); one future per image resolves to run()'s result."""
+        if self._closing or self._task is None:
+            raise BatcherClosedError("the service is shutting down")
+        if len(self._queue) + len(images) > self.capacity:
+            raise QueueFullError(len(self._queue), self.capacity, self.retry_after())
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        jobs = [_Job(p, params, loop.create_future(), now) for p in images]
+        self._queue.extend(jobs)
+        self._gauge()
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return [j.future for j in jobs]
+
+    def cancel(self, futures: Sequence[asyncio.Future]) -> int:
+        """Give up on these images (client gone, timeout): queued ones never reach the engine.
+        Returns how many were still queued."""
+        for f in futures:
+            f.cancel()
+        before = len(self._queue)
+        self._drop_done()
+        dropped = before - len(self._queue)
+        if dropped and self._metrics is not None:
+            self._metrics.images_dropped.inc(dropped)
+        return dropped
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: waiting batches x mean engine call, at least 1."""
+        batches = -(-max(len(self._queue), 1) // self.max_batch)
+        return max(1, int(round(batches * self._busy_s + 0.5)))
+
+    async def close(self) -> None:
+        """Finish every queued image, then stop the loop and the worker thread."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(len(self._queue))
+
+    def _drop_done(self) -> None:
+        if any(j.future.done() for j in self._queue):
+            self._queue = deque(j for j in self._queue if not j.future.done())
+            self._gauge()
+
+    async def _wait_for_batch(self) -> bool:
+        """Return True when a batch should start now, False when closing with nothing left."""
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            self._drop_done()
+            if not self._queue:
+                if self._closing:
+                    return False
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._queue[0]
+            same = sum(1 for j in self._queue if j.params == head.params)
+            remaining = head.enqueued + self.max_wait_s - loop.time()
+            if same >= self.max_batch or remaining <= 0 or self._closing:
+                return True
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _take(self) -> list[_Job]:
+        """The oldest image's parameters decide; matching images oldest first, others keep their place."""
+        params = self._queue[0].params
+        batch: list[_Job] = []
+        rest: deque[_Job] = deque()
+        for job in self._queue:
+            if len(batch) < self.max_batch and job.params == params:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._queue = rest
+        self._gauge()
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while await self._wait_for_batch():
+            jobs = self._take()
+            params = jobs[0].params
+            if self._metrics is not None:
+                self._metrics.batch_size.observe(len(jobs))
+            start = loop.time()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, [j.pixels for j in jobs], params)
+                if len(results) != len(jobs):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(jobs)} images")
+            except Exception as exc:  # the engine failed: every image of the batch gets the error
+                log.exception("batch of %d images failed", len(jobs))
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            finally:
+                took = loop.time() - start
+                self._busy_s = 0.8 * self._busy_s + 0.2 * took
+                if self._metrics is not None:
+                    self._metrics.inference_seconds.observe(took)
+            for j, r in zip(jobs, results):
+                if not j.future.done():
+                    j.future.set_result(r)
+            if self._metrics is not None:
+                self._metrics.images_captioned.inc(len(jobs))

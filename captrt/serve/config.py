@@ -1,0 +1,79 @@
+"""ServeConfig: every knob of `captrt serve` in one dataclass, validated before anything loads."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+# The service's default allow-list: what browsers and phones send. BMP/GIF stay out (huge or animated
+# uploads for no caption gain); the library's own default (load_image) is wider.
+SERVICE_FORMATS = ("JPEG", "PNG", "WEBP")
+RAW_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+
+
+@dataclass
+class ServeConfig:
+    """What `captrt serve` runs. Flags map one to one (``--max-batch`` -> max_batch)."""
+
+    model: Path
+    engine: str = "ort"
+    device: str | None = None
+    precision: str = "fp32"
+    threads: int | None = None          # engine intra-op threads (None: all usable cores)
+    providers: str | None = None        # ONNX Runtime providers ('tensorrt' for its TensorRT EP)
+    host: str = "127.0.0.1"             # loopback unless asked: a captioning model is not a public API by default
+    port: int = 8000
+    max_batch: int = 16                 # images per engine call
+    max_wait_ms: float = 5.0            # how long the oldest waiting image may wait for company
+    queue: int = 256                    # images waiting (not yet in the engine) before 503
+    timeout_s: float = 30.0             # a request older than this gets 504
+    api_key_env: str | None = None      # name of the environment variable holding the API key
+    max_body_bytes: int = 20 * MIB
+    max_images: int = 32                # images per request
+    max_steps_cap: int | None = None    # None: the model's max_steps (captrt.json)
+    max_image_pixels: int | None = None  # None: the runtime's default cap
+    image_formats: tuple[str, ...] = field(default=SERVICE_FORMATS)
+    decode_threads: int | None = None   # image decoding pool (None: usable cores)
+    max_connections: int = 1024         # uvicorn's limit_concurrency
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag for any value the service cannot run with."""
+        def positive(name: str, value: object, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+        for name in ("max_batch", "queue", "max_body_bytes", "max_images", "max_connections"):
+            positive(name, getattr(self, name))
+        for name in ("threads", "max_steps_cap", "max_image_pixels", "decode_threads"):
+            positive(name, getattr(self, name), allow_none=True)
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0..65535, got {self.port!r}")
+        for name in ("max_wait_ms", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "timeout_s" and value == 0):
+                kind = "> 0" if name == "timeout_s" else ">= 0"
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {kind}, got {value!r}")
+        if not self.image_formats:
+            raise ValueError("image_formats must name at least one format")
+        if self.api_key_env is not None:
+            self.api_key()
+
+    def api_key(self) -> str | None:
+        """The key from the environment variable named by --api-key-env (None when not configured)."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env, "")
+        if not key.strip():
+            raise ValueError(f"--api-key-env {self.api_key_env}: the environment variable is unset or empty")
+        return key
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0

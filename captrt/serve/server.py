@@ -1,0 +1,64 @@
+"""`captrt serve`: run the service under uvicorn until SIGTERM/SIGINT, then drain and exit 0.
+
+Exit codes: 0 after a signal-initiated shutdown (in-flight requests finished first), 1 when the model
+failed to load, 2 for a bad configuration (raised as ValueError/ModelDirError before anything binds).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+from captrt.serve.config import ServeConfig
+
+EXIT_OK, EXIT_LOAD_FAILED = 0, 1
+# How long in-flight requests get after SIGTERM beyond the request timeout itself: no request can
+# legitimately outlive --timeout-s, so a drain longer than this is a bug and is cut.
+DRAIN_MARGIN_S = 5.0
+
+
+def serve(config: ServeConfig) -> int:
+    """Validate, bind, load in the background, serve until a signal; returns the exit code."""
+    import uvicorn
+
+    from captrt.runtime.model_dir import ModelDir
+    from captrt.serve.app import create_app
+
+    config.validate()
+    ModelDir.load(config.model)  # a wrong path fails here, in one line, before anything binds
+    _configure_logging(config.log_level)
+    failure: list[str] = []
+    server: Any = None
+
+    def on_fatal(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_fatal=on_fatal)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                               access_log=False, limit_concurrency=config.max_connections,
+                               timeout_graceful_shutdown=int(config.timeout_s + DRAIN_MARGIN_S) + 1,
+                               server_header=False)
+    server = uvicorn.Server(uv_config)
+    # uvicorn re-raises the signal it caught once it has shut down gracefully, which would end the
+    # process with -SIGTERM; a no-op handler installed here is what it restores and re-invokes,
+    # so a drained shutdown exits 0 as process managers expect.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if failure:
+        print(f"captrt serve: error: model failed to load: {failure[0]}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    return EXIT_OK
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("captrt.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())

@@ -1,0 +1,180 @@
+"""Reading a caption request: the body (capped while it streams in), its images and its parameters.
+
+Everything a client can get wrong ends as a ServeError with the HTTP status and a message that names
+the part or field; nothing here decodes pixels (that happens on the decode pool).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from captrt.serve.batcher import DecodeParams
+from captrt.serve.config import RAW_CONTENT_TYPES, ServeConfig
+
+PARAMS = ("beam_size", "max_steps", "attention", "length_penalty")
+DEFAULT_BEAM = 5
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_MAX_FIELD_BYTES = 64 * 1024  # non-file form fields are parameters: a few bytes each
+
+
+class ServeError(Exception):
+    """A client error: HTTP status, a message for the client, optional headers (Retry-After, ...)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BodyTooLargeError(Exception):
+    """Raised from the ASGI receive channel once a body passes the cap (see app.ServiceMiddleware)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"request body larger than the {limit}-byte limit")
+        self.limit = limit
+
+
+@dataclass
+class Upload:
+    """One uploaded image, still encoded. name: the part's file name (or field name), 'body' for raw."""
+
+    name: str
+    data: bytes
+
+
+def too_large(limit: int) -> ServeError:
+    return ServeError(413, f"request body larger than the {limit}-byte limit ({limit // (1024 * 1024)} MiB)")
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """Refuse from the header alone when the client announces too much (before reading a byte)."""
+    value = request.headers.get("content-length")
+    if value is None:
+        return  # chunked: the cap is enforced while reading
+    if not value.strip().isdigit():
+        raise ServeError(400, f"Content-Length header is not a number: {value!r}")
+    if int(value) > limit:
+        raise too_large(limit)
+
+
+async def read_uploads(request: Request, config: ServeConfig) -> tuple[list[Upload], dict[str, str]]:
+    """-> (images in request order, form fields). multipart/form-data: every file part is an image,
+    text fields are parameters. image/jpeg|png|webp: the body is one image."""
+    check_content_length(request, config.max_body_bytes)
+    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if mime == "multipart/form-data":
+            return await _read_multipart(request, config)
+        if mime in RAW_CONTENT_TYPES:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+            if not body:
+                raise ServeError(400, "body: empty request body (expected one image)")
+            return [Upload("body", bytes(body))], {}
+    except BodyTooLargeError as exc:
+        raise too_large(exc.limit) from None
+    shown = mime or "none"
+    raise ServeError(415, f"Content-Type {shown!r} is not accepted: send multipart/form-data with image "
+                          f"files, or one image as {', '.join(RAW_CONTENT_TYPES)}")
+
+
+async def _read_multipart(request: Request, config: ServeConfig) -> tuple[list[Upload], dict[str, str]]:
+    try:
+        form = await request.form(max_files=config.max_images, max_fields=len(PARAMS) * 2,
+                                  max_part_size=_MAX_FIELD_BYTES)
+    except HTTPException as exc:  # starlette's wrapping of a multipart parse error
+        raise ServeError(400, f"malformed multipart body: {exc.detail}") from None
+    try:
+        uploads: list[Upload] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                uploads.append(Upload(value.filename or key or f"part{len(uploads)}", data))
+            elif key in fields:
+                raise ServeError(422, f"{key}: given more than once")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if not uploads:
+        raise ServeError(400, "no image in the multipart body (send files as parts, e.g. curl -F image=@photo.jpg)")
+    return uploads, fields
+
+
+def _one(name: str, values: list[str]) -> str:
+    if len(values) > 1:
+        raise ServeError(422, f"{name}: given more than once")
+    return values[0]
+
+
+def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *, max_beam: int,
+                 max_steps_cap: int) -> DecodeParams:
+    """Query parameters and form fields -> DecodeParams; 422 naming the field for anything wrong.
+
+    beam_size 1..max_beam (default min(5, max_beam)); max_steps 1..cap (default cap);
+    attention true/false (default false); length_penalty >= 0 (GNMT alpha, default 0).
+    """
+    given: dict[str, list[str]] = {}
+    for key, value in list(query) + list(fields.items()):
+        given.setdefault(key, []).append(value)
+    unknown = sorted(set(given) - set(PARAMS))
+    if unknown:
+        raise ServeError(422, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(PARAMS)}")
+    raw = {k: _one(k, v).strip() for k, v in given.items()}
+
+    def integer(name: str, default: int, high: int, hint: str) -> int:
+        if name not in raw:
+            return default
+        text = raw[name]
+        if not text.lstrip("+").isdigit() or not 1 <= int(text) <= high:
+            raise ServeError(422, f"{name} must be an integer between 1 and {high}{hint}, got {text!r}")
+        return int(text)
+
+    beam = integer("beam_size", min(DEFAULT_BEAM, max_beam), max_beam, f" (the model's max_beam is {max_beam})")
+    steps = integer("max_steps", max_steps_cap, max_steps_cap, " (the service's cap)")
+    attention = False
+    if "attention" in raw:
+        flag = raw["attention"].lower()
+        if flag not in _TRUE | _FALSE:
+            raise ServeError(422, f"attention must be true or false, got {raw['attention']!r}")
+        attention = flag in _TRUE
+    penalty = 0.0
+    if "length_penalty" in raw:
+        try:
+            penalty = float(raw["length_penalty"])
+        except ValueError:
+            penalty = -1.0
+        if not math.isfinite(penalty) or penalty < 0 or penalty > 10:
+            raise ServeError(422, f"length_penalty must be a number between 0 and 10, got {raw['length_penalty']!r}")
+    return DecodeParams(beam, steps, attention, penalty)
+
+
+def error_status(kinds: Iterable[str]) -> int:
+    """The status of a request whose every image failed: one shared reason decides, else 400."""
+    statuses = {"format": 415, "too_large": 413}
+    found = {statuses.get(k, 400) for k in kinds}
+    return found.pop() if len(found) == 1 else 400
+
+
+def params_schema() -> list[dict[str, Any]]:
+    """OpenAPI query parameters (form fields of the same names are accepted too)."""
+    return [
+        {"name": "beam_size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+         "description": "beam width, 1..the model's max_beam (default 5)"},
+        {"name": "max_steps", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+         "description": "most words per caption, 1..the service's cap (default: the cap)"},
+        {"name": "attention", "in": "query", "required": False, "schema": {"type": "boolean"},
+         "description": "return the (T, grid, grid) attention maps"},
+        {"name": "length_penalty", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+         "description": "GNMT alpha among completed hypotheses (0 = raw log-probability)"},
+    ]
