@@ -52,3 +52,17 @@ def random_images(n: int, seed: int = 0, size: int = 256) -> np.ndarray:
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     return make_tiny_checkpoint(tmp_path / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def demo_sized_export(tmp_path_factory):
+    """(model_dir, manifest) of a demo-sized model (ResNet-18, 8x8 grid, 256-dim decoder, captions of
+    3-18 words) exported with the full 50-image parity gate: the export tests check the gate, the
+    service tests serve it."""
+    from captrt.export.exporter import export_model
+    from tests.export.helpers import make_varied_length_checkpoint
+
+    d = tmp_path_factory.mktemp("demo_sized")
+    ckpt = make_varied_length_checkpoint(d / "demo.pt", backbone="resnet18", enc_size=8, dim=256)
+    manifest = export_model(ckpt, d / "model", parity_count=50, progress=False)
+    return d / "model", manifest

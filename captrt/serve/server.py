@@ -27,7 +27,8 @@ def serve(config: ServeConfig) -> int:
     from captrt.serve.app import create_app
 
     config.validate()
-    ModelDir.load(config.model)  # a wrong path fails here, in one line, before anything binds
+    # A wrong path or a precision the directory lacks fails here, in one line, before anything binds.
+    ModelDir.load(config.model).require_precision(config.precision)
     _configure_logging(config.log_level)
     failure: list[str] = []
     server: Any = None

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
-from captrt.export.exporter import export_model
-from tests.export.helpers import make_varied_length_checkpoint
-
-
-@pytest.fixture(scope="module")
-def demo_sized(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo_sized")
-    ckpt = make_varied_length_checkpoint(d / "demo.pt", backbone="resnet18", enc_size=8, dim=256)
-    manifest = export_model(ckpt, d / "model", parity_count=50, progress=False)
-    return d / "model", manifest
-
-
-def test_full_parity_gate(demo_sized):
-    model_dir, manifest = demo_sized
+def test_full_parity_gate(demo_sized_export):
+    """demo_sized_export (tests/conftest.py) ran the exporter with the 50-image gate."""
+    model_dir, manifest = demo_sized_export
     p = manifest["parity"]["fp32"]
     assert p["measured"] and p["passed"]
     assert p["images"] == 50 and p["identical"] == 50 and p["mismatches"] == []

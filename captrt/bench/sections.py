@@ -1,0 +1,52 @@
+"""Marker-delimited sections of benchmarks/RESULTS.md that another script owns.
+
+`benchmarks/serve.py` writes its results between ``<!-- serve:begin -->`` and ``<!-- serve:end -->``;
+`benchmarks/run_suite.py` rewrites the rest of the file and carries such a section over verbatim.
+"""
+
+from __future__ import annotations
+
+SERVE_BEGIN = "<!-- serve:begin -->"
+SERVE_END = "<!-- serve:end -->"
+
+
+def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
+    """(start, stop) offsets of the section, markers included, or None when it is absent or malformed
+    (no begin marker, or no end marker after it)."""
+    start = text.find(begin)
+    if start < 0:
+        return None
+    stop = text.find(end, start + len(begin))
+    if stop < 0:
+        return None
+    return start, stop + len(end)
+
+
+def extract_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> str | None:
+    """The section, markers included, exactly as it appears in text; None when there is none."""
+    span = find_section(text, begin, end)
+    return None if span is None else text[span[0]:span[1]]
+
+
+def replace_section(text: str, section: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> str:
+    """text with its section replaced by `section` (which must carry the markers), or with `section`
+    appended at the end after one blank line when text has none."""
+    if not (section.startswith(begin) and section.rstrip().endswith(end)):
+        raise ValueError(f"section must start with {begin!r} and end with {end!r}")
+    section = section.rstrip()
+    span = find_section(text, begin, end)
+    if span is not None:
+        return text[:span[0]] + section + text[span[1]:]
+    head = text.rstrip()
+    return (head + "\n\n" if head else "") + section + "\n"
+
+
+def append_preserved(new_text: str, old_text: str | None, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> str:
+    """new_text with old_text's section (if any) re-appended verbatim at the end; a section already
+    in new_text wins."""
+    if old_text is None or find_section(new_text, begin, end) is not None:
+        return new_text
+    kept = extract_section(old_text, begin, end)
+    if kept is None:
+        return new_text
+    return new_text.rstrip() + "\n\n" + kept + "\n"

@@ -1,0 +1,178 @@
+"""The batching policy on its own: a recording run() stands in for the engine (no model needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, QueueFullError
+from captrt.serve.metrics import ServeMetrics
+
+P5 = DecodeParams(beam_size=5, max_steps=50)
+P3 = DecodeParams(beam_size=3, max_steps=50)
+
+
+def img(i: int) -> np.ndarray:
+    return np.full((2, 2, 3), i, np.uint8)
+
+
+class Recorder:
+    """run(): records each batch as (params, [pixel ids]); blocks while `gate` is clear."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[DecodeParams, list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def __call__(self, pixels: list[np.ndarray], params: DecodeParams) -> list[int]:
+        self.started.set()
+        self.gate.wait(10)
+        ids = [int(p[0, 0, 0]) for p in pixels]
+        self.batches.append((params, ids))
+        return [i * 10 for i in ids]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_fills_batches_up_to_max_batch_in_order():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_batch=4, max_wait_s=0.05, capacity=64)
+        b.start()
+        futures = b.submit([img(i) for i in range(10)], P5)
+        results = await asyncio.gather(*futures)
+        await b.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [i * 10 for i in range(10)]
+    # full batches start at once, the 2 left over after max_wait; arrival order is kept
+    assert [ids for _, ids in rec.batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_lone_image_waits_at_most_max_wait():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_batch=16, max_wait_s=0.01, capacity=8)
+        b.start()
+        [f] = b.submit([img(7)], P5)
+        result = await f  # would hang (wait_for fails) if the deadline were not honoured
+        await b.close()
+        return result, rec
+
+    result, rec = run(main())
+    assert result == 70 and rec.batches == [(P5, [7])]
+
+
+def test_groups_by_decoding_parameters_oldest_first():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()  # hold the engine on a first batch while the queue fills
+        b = Batcher(rec, max_batch=8, max_wait_s=0.0, capacity=64)
+        b.start()
+        first = b.submit([img(0)], P5)
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        a = b.submit([img(1), img(2)], P3)
+        c = b.submit([img(3)], P5)
+        d = b.submit([img(4)], P3)
+        rec.gate.set()
+        await asyncio.gather(*first, *a, *c, *d)
+        await b.close()
+        return rec
+
+    rec = run(main())
+    assert rec.batches == [(P5, [0]), (P3, [1, 2, 4]), (P5, [3])]
+
+
+def test_queue_capacity_counts_images_and_refuses_whole_requests():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        metrics = ServeMetrics()
+        b = Batcher(rec, max_batch=1, max_wait_s=0.0, capacity=3, metrics=metrics)
+        b.start()
+        running = b.submit([img(0)], P5)
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        queued = b.submit([img(1), img(2)], P5)
+        assert b.depth == 2
+        with pytest.raises(QueueFullError) as info:
+            b.submit([img(3), img(4)], P5)  # 2 + 2 > 3: refused whole, nothing of it queued
+        assert info.value.retry_after >= 1 and b.depth == 2
+        b.submit([img(5)], P5)  # 2 + 1 fits
+        rec.gate.set()
+        await asyncio.gather(*running, *queued)
+        await b.close()
+        return rec, metrics
+
+    rec, metrics = run(main())
+    assert [ids for _, ids in rec.batches] == [[0], [1], [2], [5]]
+    assert metrics.queue_depth._value.get() == 0
+
+
+def test_cancelled_images_never_reach_the_engine():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        metrics = ServeMetrics()
+        b = Batcher(rec, max_batch=4, max_wait_s=0.0, capacity=16, metrics=metrics)
+        b.start()
+        running = b.submit([img(0)], P5)
+        while not rec.started.is_set():
+            await asyncio.sleep(0.001)
+        gone = b.submit([img(1), img(2)], P5)
+        kept = b.submit([img(3)], P5)
+        assert b.cancel(gone) == 2 and b.depth == 1
+        assert b.cancel(running) == 0  # already in the engine: it finishes, its result is discarded
+        rec.gate.set()
+        assert await asyncio.gather(*kept) == [30]
+        await b.close()
+        return rec, metrics
+
+    rec, metrics = run(main())
+    assert [ids for _, ids in rec.batches] == [[0], [3]]
+    assert metrics.images_dropped._value.get() == 2
+
+
+def test_engine_errors_reach_every_image_of_the_batch_and_the_loop_goes_on():
+    calls = []
+
+    def flaky(pixels, params):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise RuntimeError("engine exploded")
+        return ["ok"] * len(pixels)
+
+    async def main():
+        b = Batcher(flaky, max_batch=2, max_wait_s=0.0, capacity=8)
+        b.start()
+        bad = b.submit([img(0), img(1)], P5)
+        outcomes = await asyncio.gather(*bad, return_exceptions=True)
+        good = await asyncio.gather(*b.submit([img(2)], P5))
+        await b.close()
+        with pytest.raises(BatcherClosedError):
+            b.submit([img(3)], P5)
+        return outcomes, good
+
+    outcomes, good = run(main())
+    assert all(isinstance(o, RuntimeError) and "exploded" in str(o) for o in outcomes)
+    assert good == ["ok"]
+
+
+def test_close_finishes_queued_work():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_batch=2, max_wait_s=60.0, capacity=8)
+        b.start()
+        futures = b.submit([img(i) for i in range(3)], P5)
+        await b.close()  # the last image would wait 60 s for company; closing flushes it at once
+        return [f.result() for f in futures]
+
+    assert run(main()) == [0, 10, 20]

@@ -1,0 +1,259 @@
+"""The real service (uvicorn in a subprocess, demo-sized model): captions, batching, every error code,
+metrics, disconnecting clients, memory under 2,000 requests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from captrt.runtime import Captioner
+from captrt.runtime.model_dir import ModelDir
+from tests.serve.conftest import encode
+from tests.serve.server_process import metric
+
+
+def post(srv, files=None, *, params=None, headers=None, content=None, content_type=None, timeout=60.0):
+    headers = dict(headers or {})
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return httpx.post(srv.url + "/v1/captions", files=files, params=params, headers=headers, content=content,
+                      timeout=timeout)
+
+
+def parts(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+
+
+def scrape(srv) -> str:
+    r = httpx.get(srv.url + "/metrics", timeout=10)
+    assert r.status_code == 200
+    return r.text
+
+
+def test_operations_endpoints(server, auth, serve_model_dir):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz").json()
+    info = httpx.get(server.url + "/v1/model", headers=auth).json()
+    assert ready["model"] == info["id"] and info["id"].startswith("model@")
+    model = ModelDir.load(serve_model_dir)
+    assert (info["grid"], info["vocab_size"], info["image_size"], info["max_beam"]) == (8, model.vocab_size, 256, 10)
+    assert info["engine"] == "ort" and info["provider"] == "CPUExecutionProvider" and info["precision"] == "fp32"
+    assert "fp32" in info["precisions"] and info["max_batch"] == 16
+    assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/captions"]["post"]["parameters"]
+    text = scrape(server)
+    assert "captrt_ready 1.0" in text and "captrt_queue_depth" in text and "captrt_batch_size_bucket" in text
+
+
+def test_captions_equal_captioner(server, auth, jpegs, serve_model_dir):
+    """One multipart request with 4 images, and 4 raw-body requests: the same tokens as the library."""
+    with Captioner.load(serve_model_dir) as cap:
+        expected = cap.caption(jpegs[:4], beam_size=5)
+    r = post(server, parts(jpegs[:4]), headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["params"] == {"beam_size": 5, "max_steps": 50, "attention": False, "length_penalty": 0.0}
+    got = body["captions"]
+    assert [c["name"] for c in got] == [f"img{i}.jpg" for i in range(4)]
+    assert [c["tokens"] for c in got] == [e.tokens for e in expected]
+    assert [c["caption"] for c in got] == [e.text for e in expected]
+    assert all(abs(c["score"] - e.score) < 1e-3 for c, e in zip(got, expected))
+    for data, e in zip(jpegs[:4], expected):
+        one = post(server, content=data, content_type="image/jpeg", headers=auth).json()["captions"]
+        assert [(c["name"], c["tokens"]) for c in one] == [("body", e.tokens)]
+
+
+def test_parameters_and_attention(server, auth, jpegs, serve_model_dir):
+    with Captioner.load(serve_model_dir) as cap:
+        [e] = cap.caption(jpegs[5], beam_size=2, max_steps=4, return_attention=True)
+    r = post(server, parts([jpegs[5]]), params={"beam_size": "2", "max_steps": "4", "attention": "true"}, headers=auth)
+    assert r.status_code == 200, r.text
+    [c] = r.json()["captions"]
+    assert c["tokens"] == e.tokens and len(c["tokens"]) <= 4
+    assert len(c["attention"]) == len(e.tokens) and len(c["attention"][0]) == 8 and len(c["attention"][0][0]) == 8
+    # form fields work like query parameters
+    r = post(server, parts([jpegs[5]]) + [("beam_size", (None, "2")), ("max_steps", (None, "4"))], headers=auth)
+    assert r.json()["captions"][0]["tokens"] == e.tokens
+
+
+def test_concurrent_clients_share_batches(server, auth, jpegs, serve_model_dir):
+    """32 clients at once: same captions as the library, and the engine saw batches larger than one."""
+    with Captioner.load(serve_model_dir) as cap:
+        expected = {i: c.tokens for i, c in enumerate(cap.caption(jpegs))}
+    before = scrape(server)
+
+    async def client(http: httpx.AsyncClient, k: int) -> list[tuple[int, int, list[int]]]:
+        out = []
+        for rep in range(2):
+            i = (k + rep) % len(jpegs)
+            r = await http.post("/v1/captions", files=parts([jpegs[i]]), headers=auth)
+            out.append((i, r.status_code, r.json()["captions"][0]["tokens"] if r.status_code == 200 else r.text))
+        return out
+
+    async def main():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
+            return await asyncio.gather(*(client(http, k) for k in range(32)))
+
+    results = [x for per in asyncio.run(main()) for x in per]
+    assert len(results) == 64
+    assert all(status == 200 for _, status, _ in results), results
+    assert all(tokens == expected[i] for i, _, tokens in results)
+    after = scrape(server)
+    batches = metric(after, "captrt_batch_size_count") - metric(before, "captrt_batch_size_count")
+    singles = metric(after, "captrt_batch_size_bucket", le="1.0") - metric(before, "captrt_batch_size_bucket", le="1.0")
+    images = metric(after, "captrt_images_captioned_total") - metric(before, "captrt_images_captioned_total")
+    assert images == 64
+    assert batches < 64 and singles < batches, (batches, singles)  # some batches held several images
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"X-API-Key": "nope"}])
+def test_401_without_the_key(server, jpegs, headers):
+    r = post(server, parts([jpegs[0]]), headers=headers)
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/v1/model", headers=headers).status_code == 401
+    assert post(server, parts([jpegs[0]]), headers={"X-API-Key": "test-key-3f9a"}).status_code == 200
+
+
+def test_400_unreadable_image_names_the_part(server, auth, jpegs):
+    r = post(server, [("image", ("broken.jpg", jpegs[0][:200], "image/jpeg"))], headers=auth)
+    assert r.status_code == 400 and r.json()["detail"].startswith("broken.jpg:")
+    r = post(server, [("image", ("notes.txt", b"hello world", "text/plain"))], headers=auth)
+    assert r.status_code == 400 and "notes.txt: not a recognized image" in r.json()["detail"]
+    # one bad part among good ones: 200, the bad one carries its error
+    r = post(server, [("image", ("good.jpg", jpegs[1], "image/jpeg")), ("image", ("bad.png", b"\x89PNG\r\n\x1a\nxx", "image/png"))],
+             headers=auth)
+    assert r.status_code == 200
+    good, bad = r.json()["captions"]
+    assert good["error"] is None and good["tokens"]
+    assert bad["caption"] is None and bad["error"].startswith("bad.png:")
+    assert post(server, content=b"", content_type="image/png", headers=auth).status_code == 400
+    r = post(server, content=b"--x\r\nnot multipart", content_type="multipart/form-data; boundary=zzz", headers=auth)
+    assert r.status_code == 400
+    r = post(server, [("beam_size", (None, "3"))], headers=auth)  # no file part
+    assert r.status_code == 400 and "no image" in r.json()["detail"]
+
+
+def test_413_too_large(server, auth, jpegs):
+    big = b"\xff\xd8\xff" + bytes(1024 * 1024 + 10)
+    r = post(server, content=big, content_type="image/jpeg", headers=auth)  # refused from Content-Length
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: refused while streaming
+        for _ in range(40):
+            yield bytes(64 * 1024)
+
+    r = post(server, content=chunks(), content_type="image/png", headers=auth)
+    assert r.status_code == 413
+    r = post(server, parts(jpegs[:5]), headers=auth)  # --max-images 4
+    assert r.status_code in (400, 413) and "4" in r.json()["detail"]
+    import numpy as np
+
+    huge = encode(np.zeros((9000, 8000, 3), np.uint8), "PNG")  # 72 Mpx, a small file: above the pixel cap
+    assert len(huge) < 1024 * 1024
+    r = post(server, [("image", ("huge.png", huge, "image/png"))], headers=auth)
+    assert r.status_code == 413 and r.json()["detail"].startswith("huge.png:")
+
+
+def test_415_unsupported_type(server, auth, jpegs):
+    from PIL import Image
+    import io
+    import numpy as np
+
+    r = post(server, content=jpegs[0], content_type="text/plain", headers=auth)
+    assert r.status_code == 415 and "text/plain" in r.json()["detail"]
+    assert post(server, content=jpegs[0], headers=auth).status_code == 415  # no Content-Type at all
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="TIFF")
+    r = post(server, [("image", ("scan.tiff", buf.getvalue(), "image/tiff"))], headers=auth)
+    assert r.status_code == 415 and "scan.tiff: TIFF images are not accepted" in r.json()["detail"]
+    gif = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(gif, format="GIF")  # the service allows JPEG/PNG/WEBP
+    assert post(server, [("image", ("a.gif", gif.getvalue(), "image/gif"))], headers=auth).status_code == 415
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"beam_size": "11"}, "beam_size"), ({"beam_size": "0"}, "beam_size"), ({"beam_size": "two"}, "beam_size"),
+    ({"max_steps": "51"}, "max_steps"), ({"max_steps": "-1"}, "max_steps"), ({"attention": "maybe"}, "attention"),
+    ({"length_penalty": "nan"}, "length_penalty"), ({"beam": "3"}, "beam"),
+])
+def test_422_bad_parameters(server, auth, jpegs, params, field):
+    r = post(server, parts([jpegs[0]]), params=params, headers=auth)
+    assert r.status_code == 422 and field in r.json()["detail"]
+
+
+def _raw_request(srv, body: bytes, content_length: int, *, send: int | None = None) -> bytes:
+    head = (f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer test-key-3f9a\r\n"
+            f"Content-Type: multipart/form-data; boundary=BOUNDARY\r\nContent-Length: {content_length}\r\n\r\n")
+    return head.encode() + (body if send is None else body[:send])
+
+
+def _multipart(images: list[bytes], params: dict[str, str]) -> bytes:
+    out = b""
+    for k, v in params.items():
+        out += f'--BOUNDARY\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+    for i, data in enumerate(images):
+        out += (f'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="d{i}.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n"
+    return out + b"--BOUNDARY--\r\n"
+
+
+def _wait_idle(srv, timeout: float = 60.0) -> str:
+    """Metrics once nothing but the scrape itself is in flight and the queue is empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(srv)
+        if metric(text, "captrt_requests_in_flight") <= 1 and metric(text, "captrt_queue_depth") == 0:
+            return text
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+
+
+def test_disconnecting_clients_cost_nothing(server, auth, jpegs):
+    """Clients that vanish mid-upload or mid-inference: 499 in the metrics, queue and in-flight back to
+    zero, no leaked sockets, and the next request is served normally."""
+    body = _multipart(jpegs[:4], {"beam_size": "10"})
+    before = _wait_idle(server)
+    fds = server.open_fds()
+    for _ in range(10):  # mid-upload: headers promise the whole body, half arrives, then the socket closes
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(_raw_request(server, body, len(body), send=len(body) // 2))
+            time.sleep(0.02)
+    for _ in range(10):  # mid-inference: the whole request, then gone before the answer
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(_raw_request(server, body, len(body)))
+            time.sleep(0.01)
+    after = _wait_idle(server)
+    gone = metric(after, "captrt_requests_total", route="/v1/captions", method="POST", status="499") - \
+        metric(before, "captrt_requests_total", route="/v1/captions", method="POST", status="499")
+    assert gone == 20
+    assert metric(after, "captrt_queue_depth") == 0
+    assert server.open_fds() <= fds + 2
+    assert post(server, parts([jpegs[0]]), headers=auth).status_code == 200
+
+
+def test_memory_is_flat_over_2000_requests(server, auth, jpegs):
+    """RSS after 2,000 requests stays within a small bound of RSS after the first 200."""
+    async def run(n: int) -> int:
+        sent = 0
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=8)) as http:
+            async def worker(k: int) -> None:
+                nonlocal sent
+                for i in range(k, n, 8):
+                    files = parts([jpegs[i % len(jpegs)]])
+                    r = await http.post("/v1/captions", files=files, params={"beam_size": "2", "max_steps": "3"},
+                                        headers=auth)
+                    assert r.status_code == 200, r.text
+                    sent += 1
+            await asyncio.gather(*(worker(k) for k in range(8)))
+        return sent
+
+    assert asyncio.run(run(200)) == 200
+    rss_200 = server.rss_bytes()
+    assert asyncio.run(run(1800)) == 1800
+    rss_2000 = server.rss_bytes()
+    assert rss_2000 - rss_200 < 24 * 1024 * 1024, (rss_200, rss_2000)
