@@ -1,0 +1,33 @@
+"""The README's 'embed a Captioner in your own FastAPI app' example runs as printed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+
+from captrt.runtime import Captioner
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_embedding_example(serve_model_dir, jpegs):
+    text = README.read_text()
+    block = re.search(r"<!-- embed-example:begin -->\s*```python\n(.*?)```\s*<!-- embed-example:end -->", text, re.S)
+    assert block, "README lost its embedding example"
+    code = block.group(1).replace('"MODEL_DIR"', repr(str(serve_model_dir)))
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=namespace["app"])  # the example has no lifespan to run
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post("/caption", files={"image": ("a.jpg", jpegs[0], "image/jpeg")})
+
+    r = asyncio.run(call())
+    assert r.status_code == 200
+    with Captioner.load(serve_model_dir) as cap:
+        assert r.json() == {"caption": cap.caption(jpegs[0])[0].text, "error": None}
+    namespace["captioner"].close()
