@@ -60,6 +60,8 @@ class ServeConfig:
                     or value < 0 or (name == "timeout_s" and value == 0):
                 kind = "> 0" if name == "timeout_s" else ">= 0"
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {kind}, got {value!r}")
+        if self.queue < self.max_images:  # else a full-size request could never be queued: 503 forever
+            raise ValueError(f"--queue ({self.queue}) must be at least --max-images ({self.max_images})")
         if not self.image_formats:
             raise ValueError("image_formats must name at least one format")
         if self.api_key_env is not None:

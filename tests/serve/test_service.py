@@ -44,6 +44,8 @@ def test_operations_endpoints(server, auth, serve_model_dir):
     assert info["engine"] == "ort" and info["provider"] == "CPUExecutionProvider" and info["precision"] == "fp32"
     assert "fp32" in info["precisions"] and info["max_batch"] == 16
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/captions"]["post"]["parameters"]
+    maps = open(f"/proc/{server.pid}/maps").read()  # the running service never loaded torch
+    assert "libtorch" not in maps and "onnxruntime" in maps
     text = scrape(server)
     assert "captrt_ready 1.0" in text and "captrt_queue_depth" in text and "captrt_batch_size_bucket" in text
 
