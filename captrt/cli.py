@@ -207,8 +207,9 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="request body cap in MiB"),
           max_images: int = typer.Option(32, "--max-images", help="images per request"),
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap on max_steps (default: the model's)"),
-          log_level: str = typer.Option("info", "--log-level")):
-    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs captrt[serve])."""
+          log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
+          access_log: bool = typer.Option(False, "--access-log", help="log one line per request")):
+    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
         from captrt.serve.server import serve as run_service
@@ -220,7 +221,7 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          threads=threads, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level)
+                         log_level=log_level, access_log=access_log)
     try:
         code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:

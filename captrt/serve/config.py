@@ -11,6 +11,7 @@ MIB = 1024 * 1024
 # The service's default allow-list: what browsers and phones send. BMP/GIF stay out (huge or animated
 # uploads for no caption gain); the library's own default (load_image) is wider.
 SERVICE_FORMATS = ("JPEG", "PNG", "WEBP")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 RAW_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 
 
@@ -39,6 +40,7 @@ class ServeConfig:
     decode_threads: int | None = None   # image decoding pool (None: usable cores)
     max_connections: int = 1024         # uvicorn's limit_concurrency
     log_level: str = "info"
+    access_log: bool = False            # one uvicorn line per request; off by default, as metrics cover counts
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value the service cannot run with."""
@@ -62,6 +64,8 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {kind}, got {value!r}")
         if self.queue < self.max_images:  # else a full-size request could never be queued: 503 forever
             raise ValueError(f"--queue ({self.queue}) must be at least --max-images ({self.max_images})")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not self.image_formats:
             raise ValueError("image_formats must name at least one format")
         if self.api_key_env is not None:

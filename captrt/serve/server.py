@@ -40,7 +40,7 @@ def serve(config: ServeConfig) -> int:
 
     app = create_app(config, on_fatal=on_fatal)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                               access_log=False, limit_concurrency=config.max_connections,
+                               access_log=config.access_log, limit_concurrency=config.max_connections,
                                timeout_graceful_shutdown=int(config.timeout_s + DRAIN_MARGIN_S) + 1,
                                server_header=False)
     server = uvicorn.Server(uv_config)

@@ -110,6 +110,7 @@ def test_bad_configuration_exits_2(serve_model_dir, tmp_path):
         (("--model", str(serve_model_dir), "--max-batch", "0"), "--max-batch"),
         (("--model", str(serve_model_dir), "--timeout-s", "0"), "--timeout-s"),
         (("--model", str(serve_model_dir), "--queue", "8"), "--max-images"),
+        (("--model", str(serve_model_dir), "--log-level", "loud"), "--log-level"),
         (("--model", str(serve_model_dir), "--api-key-env", "CAPTRT_SURELY_UNSET_VAR"), "CAPTRT_SURELY_UNSET_VAR"),
         (("--model", str(serve_model_dir), "--precision", "fp16"), "fp16"),
     ]
