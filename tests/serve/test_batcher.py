@@ -36,6 +36,18 @@ class Recorder:
         return [i * 10 for i in ids]
 
 
+async def held(max_batch: int, capacity: int, metrics=None):
+    """A started Batcher whose engine holds image 0 (until rec.gate.set()), so the queue can fill."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, max_batch=max_batch, max_wait_s=0.0, capacity=capacity, metrics=metrics)
+    b.start()
+    running = b.submit([img(0)], P5)
+    while not rec.started.is_set():
+        await asyncio.sleep(0.001)
+    return rec, b, running
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
@@ -72,13 +84,7 @@ def test_lone_image_waits_at_most_max_wait():
 
 def test_groups_by_decoding_parameters_oldest_first():
     async def main():
-        rec = Recorder()
-        rec.gate.clear()  # hold the engine on a first batch while the queue fills
-        b = Batcher(rec, max_batch=8, max_wait_s=0.0, capacity=64)
-        b.start()
-        first = b.submit([img(0)], P5)
-        while not rec.started.is_set():
-            await asyncio.sleep(0.001)
+        rec, b, first = await held(max_batch=8, capacity=64)
         a = b.submit([img(1), img(2)], P3)
         c = b.submit([img(3)], P5)
         d = b.submit([img(4)], P3)
@@ -93,14 +99,8 @@ def test_groups_by_decoding_parameters_oldest_first():
 
 def test_queue_capacity_counts_images_and_refuses_whole_requests():
     async def main():
-        rec = Recorder()
-        rec.gate.clear()
         metrics = ServeMetrics()
-        b = Batcher(rec, max_batch=1, max_wait_s=0.0, capacity=3, metrics=metrics)
-        b.start()
-        running = b.submit([img(0)], P5)
-        while not rec.started.is_set():
-            await asyncio.sleep(0.001)
+        rec, b, running = await held(max_batch=1, capacity=3, metrics=metrics)
         queued = b.submit([img(1), img(2)], P5)
         assert b.depth == 2
         with pytest.raises(QueueFullError) as info:
@@ -119,14 +119,8 @@ def test_queue_capacity_counts_images_and_refuses_whole_requests():
 
 def test_cancelled_images_never_reach_the_engine():
     async def main():
-        rec = Recorder()
-        rec.gate.clear()
         metrics = ServeMetrics()
-        b = Batcher(rec, max_batch=4, max_wait_s=0.0, capacity=16, metrics=metrics)
-        b.start()
-        running = b.submit([img(0)], P5)
-        while not rec.started.is_set():
-            await asyncio.sleep(0.001)
+        rec, b, running = await held(max_batch=4, capacity=16, metrics=metrics)
         gone = b.submit([img(1), img(2)], P5)
         kept = b.submit([img(3)], P5)
         assert b.cancel(gone) == 2 and b.depth == 1
