@@ -9,6 +9,8 @@
     python benchmarks/run_suite.py --quick    # warmup 1, 3 timed runs: checks the pipeline, rough numbers
 
 Timing is only meaningful on a quiet machine: the load average is recorded at start and end.
+RESULTS.md is rewritten whole, except the service section that benchmarks/serve.py writes between
+`<!-- serve:begin -->` and `<!-- serve:end -->`: it is carried over verbatim, at the end.
 """
 
 from __future__ import annotations
@@ -157,7 +159,19 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
                 f"{b['model'].get('vocab_size')}); images: {b['settings']['images']}; real decoding up to "
                 f"{b['model']['max_steps']} steps (the steps column is the mean a search ran).", "", b_note, "",
                 format_markdown(b), "", *[f"- {line}" for line in floor_lines(b)], ""]
-    atomic_write_text(path, "\n".join(out))
+    atomic_write_text(path, with_serve_section("\n".join(out), path))
+
+
+def with_serve_section(text: str, path: Path) -> str:
+    """text plus the `benchmarks/serve.py` section of the RESULTS.md at path (if any), re-appended
+    verbatim at the end: the suite rewrites the file but does not own that section."""
+    from captrt.bench.sections import append_preserved
+
+    try:
+        old = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    return append_preserved(text, old)
 
 
 def main(argv: list[str] | None = None) -> int:

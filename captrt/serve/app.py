@@ -293,24 +293,26 @@ async def _caption_request(request: Request, state: ServiceState, futures: list,
     so the caller can cancel queued images on timeout."""
     config, captioner, batcher = state.config, state.captioner, state.batcher
     assert captioner is not None and batcher is not None
-    uploads, fields = await read_uploads(request, config)
-    params = parse_params(request.query_params.multi_items(), fields, max_beam=captioner.max_beam,
-                          max_steps_cap=state.max_steps_cap)
     loop = asyncio.get_running_loop()
-    decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, _decode, captioner, u) for u in uploads))
-    good = [(i, pixels) for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
-    for _, _, reason in decoded:
-        if reason is not None:
-            state.metrics.image_errors.labels(reason).inc()
-    if not good:
-        kinds = [reason for _, _, reason in decoded]
-        raise ServeError(error_status(kinds), "; ".join(err for _, err, _ in decoded if err))
-    try:
-        futures.extend(batcher.submit([pixels for _, pixels in good], params))
-    except QueueFullError as exc:
-        raise ServeError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
-    except BatcherClosedError as exc:
-        raise ServeError(503, str(exc), {"Retry-After": "1"}) from None
+    with batcher.incoming():  # the batcher may wait for this request's images while it is read
+        uploads, fields = await read_uploads(request, config)
+        params = parse_params(request.query_params.multi_items(), fields, max_beam=captioner.max_beam,
+                              max_steps_cap=state.max_steps_cap)
+        decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, _decode, captioner, u)
+                                         for u in uploads))
+        good = [pixels for pixels, _, _ in decoded if pixels is not None]
+        for _, _, reason in decoded:
+            if reason is not None:
+                state.metrics.image_errors.labels(reason).inc()
+        if not good:
+            kinds = [reason for _, _, reason in decoded]
+            raise ServeError(error_status(kinds), "; ".join(err for _, err, _ in decoded if err))
+        try:
+            futures.extend(batcher.submit(good, params))
+        except QueueFullError as exc:
+            raise ServeError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        except BatcherClosedError as exc:
+            raise ServeError(503, str(exc), {"Retry-After": "1"}) from None
     results = asyncio.gather(*futures)
     watcher = loop.create_task(_until_disconnect(request))
     try:

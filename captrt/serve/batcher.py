@@ -3,7 +3,8 @@
 Requests put decoded images (uint8 (S, S, 3)) into a bounded FIFO queue and await one future per
 image. One loop on the event loop forms batches: it looks at the oldest waiting image, gathers up
 to ``max_batch`` images with the same decoding parameters (oldest first) and starts the engine as
-soon as the batch is full or the oldest image has waited ``max_wait_s``. The engine runs on a single
+soon as the batch is full, or the oldest image has waited ``max_wait_s``, or no other request is on its
+way (being received or decoded: see ``incoming``), since then waiting could only add latency. The engine runs on a single
 worker thread (it already uses every core), so the event loop never blocks on inference, and while
 one batch runs the next one fills up: under load, batches grow by themselves.
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -70,6 +72,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy_s = 0.05  # running mean of one engine call: sizes Retry-After
+        self._incoming = 0  # requests being received/decoded: images that may join the next batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captrt-engine")
 
     @property
@@ -80,6 +83,18 @@ class Batcher:
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="captrt-batcher")
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Wrap a request from its first byte until it has submitted (or failed): while any request
+        is inside, the batcher waits (up to max_wait_s) for its images; when none is, it starts at once."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self._incoming == 0 and self._wakeup is not None:
+                self._wakeup.set()
 
     def submit(self, images: Sequence[np.ndarray], params: DecodeParams) -> list[asyncio.Future]:
         """Queue a request's images (all or none); one future per image resolves to run()'s result."""
@@ -148,7 +163,7 @@ class Batcher:
             head = self._queue[0]
             same = sum(1 for j in self._queue if j.params == head.params)
             remaining = head.enqueued + self.max_wait_s - loop.time()
-            if same >= self.max_batch or remaining <= 0 or self._closing:
+            if same >= self.max_batch or remaining <= 0 or self._closing or self._incoming == 0:
                 return True
             self._wakeup.clear()
             try:

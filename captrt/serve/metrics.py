@@ -34,7 +34,7 @@ class ServeMetrics:
         self.inference_seconds = Histogram("captrt_inference_seconds", "Wall time of one batched engine call",
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("captrt_queue_depth", "Images waiting for the engine", registry=r)
-        self.images_captioned = Counter("captrt_images_captioned", "Images the engine captioned", registry=r)
+        self.images_captioned = Counter("captrt_images_captioned", "Images the engine captioned (also those whose client left mid-inference)", registry=r)
         self.images_dropped = Counter("captrt_images_dropped", "Queued images dropped before inference "
                                       "(client disconnected or request timed out)", registry=r)
         self.image_errors = Counter("captrt_image_errors", "Uploaded images refused, by reason",

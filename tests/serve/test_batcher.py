@@ -170,3 +170,26 @@ def test_close_finishes_queued_work():
         return [f.result() for f in futures]
 
     assert run(main()) == [0, 10, 20]
+
+
+def test_waits_for_requests_on_their_way_and_only_for_them():
+    """max_wait is 60 s: a lone image with no other request arriving starts at once; an image whose
+    company is still being received waits for it, and both share one batch."""
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_batch=8, max_wait_s=60.0, capacity=8)
+        b.start()
+        [alone] = b.submit([img(1)], P5)
+        await asyncio.wait_for(alone, 5)  # fails if the batcher sat out max_wait with nobody coming
+        with b.incoming():  # a second request is being read...
+            first = b.submit([img(2)], P5)  # (an earlier request's image)
+            await asyncio.sleep(0.05)
+            assert not first[0].done()  # ...so the queued image waits for it
+            second = b.submit([img(3)], P5)
+        results = await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+        await b.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [20, 30]
+    assert [ids for _, ids in rec.batches] == [[1], [2, 3]]
