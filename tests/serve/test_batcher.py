@@ -64,17 +64,18 @@ def test_fills_batches_up_to_max_batch_in_order():
 
     rec, results = run(main())
     assert results == [i * 10 for i in range(10)]
-    # full batches start at once, the 2 left over after max_wait; arrival order is kept
+    # full batches start at once, the 2 left over too (no other request is on its way); order is kept
     assert [ids for _, ids in rec.batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_lone_image_waits_at_most_max_wait():
+def test_waits_at_most_max_wait_for_a_request_that_never_comes():
     async def main():
         rec = Recorder()
         b = Batcher(rec, max_batch=16, max_wait_s=0.01, capacity=8)
         b.start()
-        [f] = b.submit([img(7)], P5)
-        result = await f  # would hang (wait_for fails) if the deadline were not honoured
+        with b.incoming():  # a request is being read but never submits (e.g. its upload stalls)
+            [f] = b.submit([img(7)], P5)
+            result = await f  # would hang (run()'s wait_for fails) if the deadline were not honoured
         await b.close()
         return result, rec
 
@@ -165,8 +166,9 @@ def test_close_finishes_queued_work():
         rec = Recorder()
         b = Batcher(rec, max_batch=2, max_wait_s=60.0, capacity=8)
         b.start()
-        futures = b.submit([img(i) for i in range(3)], P5)
-        await b.close()  # the last image would wait 60 s for company; closing flushes it at once
+        with b.incoming():  # company on its way: the third image would wait up to 60 s for it...
+            futures = b.submit([img(i) for i in range(3)], P5)
+            await b.close()  # ...but closing flushes it at once
         return [f.result() for f in futures]
 
     assert run(main()) == [0, 10, 20]
