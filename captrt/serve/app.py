@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -64,8 +65,9 @@ def _usable_cores() -> int:
 
 
 class ServiceMiddleware:
-    """Pure ASGI: per-request metrics (status, latency, in flight) and the body cap on the receive
-    channel, so a body is refused while it streams in, whoever reads it."""
+    """Pure ASGI: per-request metrics (status, latency, in flight), the body cap on the receive
+    channel (a body is refused while it streams in, whoever reads it), and an X-Request-ID on every
+    response (the client's own, when it sent a sane one, else a new one) to match logs to requests."""
 
     def __init__(self, app: Any, metrics: ServeMetrics, max_body_bytes: int):
         self.app = app
@@ -77,6 +79,7 @@ class ServiceMiddleware:
             await self.app(scope, receive, send)
             return
         route = route_label(scope["path"])
+        request_id = _request_id(scope)
         status = 500
         received = 0
         started = time.perf_counter()
@@ -95,6 +98,7 @@ class ServiceMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -104,6 +108,13 @@ class ServiceMiddleware:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _request_id(scope: dict) -> bytes:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
+            return value
+    return uuid.uuid4().hex.encode()
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

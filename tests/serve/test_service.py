@@ -35,7 +35,9 @@ def scrape(srv) -> str:
 
 
 def test_operations_endpoints(server, auth, serve_model_dir):
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    health = httpx.get(server.url + "/healthz")
+    assert health.json() == {"status": "ok"} and len(health.headers["x-request-id"]) == 32
+    assert httpx.get(server.url + "/healthz", headers={"X-Request-ID": "abc-1"}).headers["x-request-id"] == "abc-1"
     ready = httpx.get(server.url + "/readyz").json()
     info = httpx.get(server.url + "/v1/model", headers=auth).json()
     assert ready["model"] == info["id"] and info["id"].startswith("model@")
