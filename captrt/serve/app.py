@@ -271,7 +271,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
             raise not_ready()
         return state.info
 
-    @app.post("/v1/captions", tags=["captions"], openapi_extra=_captions_openapi(),
+    @app.post("/v1/captions", tags=["captions"], openapi_extra=_captions_openapi(*_limits(config, captioner)),
               responses={400: {"description": "unreadable image or malformed body"},
                          401: {"description": "missing or wrong API key"},
                          413: {"description": "body or image too large"},
@@ -350,18 +350,31 @@ async def _caption_request(request: Request, state: ServiceState, futures: list,
     return JSONResponse(body)
 
 
-def _captions_openapi() -> dict[str, Any]:
+def _captions_openapi(max_beam: int | None, max_steps: int | None) -> dict[str, Any]:
     image = {"type": "string", "format": "binary"}
-    params_props = {p["name"]: p["schema"] for p in params_schema()}
     return {
-        "parameters": params_schema(),
+        "parameters": params_schema(max_beam, max_steps),
         "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": image, "description": "one or more image files (any field name)"},
-                **params_props}}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "description": "every file part is an image (any field name); the query parameters may "
+                               "be sent as form fields instead (each name once per request)",
+                "properties": {"image": {"type": "array", "items": image, "minItems": 1}}}},
             "image/jpeg": {"schema": image}, "image/png": {"schema": image}, "image/webp": {"schema": image},
         }},
     }
+
+
+def _limits(config: ServeConfig, captioner: Captioner | None) -> tuple[int | None, int | None]:
+    """(max_beam, max_steps cap) for the OpenAPI schema, from the manifest (the model loads later)."""
+    from captrt.runtime.errors import ModelDirError
+    from captrt.runtime.model_dir import ModelDir
+
+    try:
+        model = captioner.model if captioner is not None else ModelDir.load(config.model)
+    except ModelDirError:
+        return None, config.max_steps_cap  # the load reports it properly
+    return model.max_beam, config.max_steps_cap or model.max_steps
 
 
 def _version() -> str:

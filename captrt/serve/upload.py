@@ -166,15 +166,20 @@ def error_status(kinds: Iterable[str]) -> int:
     return found.pop() if len(found) == 1 else 400
 
 
-def params_schema() -> list[dict[str, Any]]:
-    """OpenAPI query parameters (form fields of the same names are accepted too)."""
+def params_schema(max_beam: int | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """OpenAPI query parameters (form fields of the same names are accepted too), with the model's
+    limits when they are known."""
+    def bounded(maximum: int | None) -> dict[str, Any]:
+        return {"type": "integer", "minimum": 1, **({"maximum": maximum} if maximum else {})}
+
     return [
-        {"name": "beam_size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+        {"name": "beam_size", "in": "query", "required": False, "schema": bounded(max_beam),
          "description": "beam width, 1..the model's max_beam (default 5)"},
-        {"name": "max_steps", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+        {"name": "max_steps", "in": "query", "required": False, "schema": bounded(max_steps),
          "description": "most words per caption, 1..the service's cap (default: the cap)"},
         {"name": "attention", "in": "query", "required": False, "schema": {"type": "boolean"},
          "description": "return the (T, grid, grid) attention maps"},
-        {"name": "length_penalty", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+        {"name": "length_penalty", "in": "query", "required": False,
+         "schema": {"type": "number", "minimum": 0, "maximum": 10},
          "description": "GNMT alpha among completed hypotheses (0 = raw log-probability)"},
     ]
