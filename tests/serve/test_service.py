@@ -153,6 +153,14 @@ def test_413_too_large(server, auth, jpegs):
 
     r = post(server, content=chunks(), content_type="image/png", headers=auth)
     assert r.status_code == 413
+
+    def multipart_chunks():  # the same for a multipart body: the cap holds inside the form parser
+        yield (b'--B\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
+        yield from chunks()
+
+    r = post(server, content=multipart_chunks(), content_type="multipart/form-data; boundary=B", headers=auth)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
     r = post(server, parts(jpegs[:5]), headers=auth)  # --max-images 4
     assert r.status_code in (400, 413) and "4" in r.json()["detail"]
     import numpy as np
@@ -261,3 +269,36 @@ def test_memory_is_flat_over_2000_requests(server, auth, jpegs):
     assert asyncio.run(run(1800)) == 1800
     rss_2000 = server.rss_bytes()
     assert rss_2000 - rss_200 < 24 * 1024 * 1024, (rss_200, rss_2000)
+
+
+def test_event_loop_answers_while_the_engine_runs(server, auth, jpegs):
+    """Inference runs off the event loop: /healthz keeps answering while batches are in the engine.
+    If the loop blocked, a health check could only slip in between batches (a handful at most)."""
+    import threading
+
+    done = threading.Event()
+
+    def captions() -> None:
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+                return await asyncio.gather(*(http.post("/v1/captions", files=parts(jpegs[k:k + 4]), headers=auth,
+                                                        params={"beam_size": "10"}) for k in range(0, 8, 1)))
+        try:
+            rs = asyncio.run(burst())
+            assert all(r.status_code == 200 for r in rs)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=captions)
+    before = metric(scrape(server), "captrt_batch_size_count")
+    worker.start()
+    answered = 0
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        while metric(scrape(server), "captrt_batch_size_count") == before and not done.is_set():
+            pass  # wait until the engine has started on this burst
+        while not done.is_set():
+            assert http.get("/healthz").status_code == 200
+            answered += not done.is_set()
+    worker.join()
+    batches = metric(scrape(server), "captrt_batch_size_count") - before
+    assert answered > 4 * batches, (answered, batches)
