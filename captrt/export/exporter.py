@@ -13,8 +13,7 @@ from captrt.atomic import atomic_directory
 from captrt.export import images as image_sets
 from captrt.export.errors import ExportError
 from captrt.export.fp16 import convert_to_fp16
-from captrt.export.graphs import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS,
-                                  DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs)
+from captrt.export.graphs import DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs
 from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_manifest, graph_entry, sha256_file,
                                     write_json)
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
@@ -23,6 +22,7 @@ from captrt.export.parity import (Timer, caption_parity, make_session, not_measu
                                   parity_report, run_beam_searches, torch_threads)
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
+from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from captrt.train.model import CaptionModel, normalize_uint8
 from captrt.train.reference import reference_beam_search
 from captrt.vocab import Vocab

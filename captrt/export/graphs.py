@@ -155,7 +155,3 @@ def example_decoder_inputs(model: CaptionModel, n: int = 2, k: int = 3, k_prev: 
             torch.randn(n, p, e, generator=g), torch.randn(n, p, a, generator=g))
 
 
-ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-DECODER_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
-DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")

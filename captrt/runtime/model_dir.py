@@ -23,6 +23,13 @@ FORMAT_VERSION = 1
 MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
 GRAPHS = ("encoder", "decoder_step")
+# The graphs' tensor names (docs/model-format.md): the exporter writes them, every engine reads them.
+ENCODER_INPUTS = ("image",)
+ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
+DECODER_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
+DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")
+GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_INPUTS}
+GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS}
 _MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
 
 

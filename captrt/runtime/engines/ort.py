@@ -16,13 +16,11 @@ import onnxruntime as ort
 
 from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
 
-ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-DECODER_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
-DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from captrt.atomic import atomic_path
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS
 
 log = logging.getLogger("captrt.runtime.trt")
 
@@ -31,9 +32,6 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 # Tensor names of docs/model-format.md (repeated here: captrt.export imports torch).
-GRAPH_INPUTS = {"encoder": ("image",), "decoder_step": ("tokens", "origin", "h", "c", "features", "att_proj")}
-GRAPH_OUTPUTS = {"encoder": ("features", "att_proj", "h0", "c0"),
-                 "decoder_step": ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")}
 
 CACHE_FORMAT = "captrt-trt-cache"
 CACHE_VERSION = 1
