@@ -4,7 +4,8 @@
     serve(ServeConfig(model=Path("model_dir"), max_batch=16))      # what `captrt serve` does
     app = create_app(ServeConfig(model=Path("model_dir")))          # or run the ASGI app yourself
 
-Built on the runtime's public API only (Captioner.load / read_image / caption / info / warmup);
+Built on the runtime's public API only (`captrt.runtime`: Captioner.load / read_image / caption /
+info / warmup, ModelDir, the image errors);
 imports no torch unless engine='torch' is asked for.
 """
 

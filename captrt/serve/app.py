@@ -25,8 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from captrt.runtime.captioner import Caption, Captioner
-from captrt.runtime.preprocess import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+from captrt.runtime import (Caption, Captioner, ImageTooLargeError, InvalidImageError, ModelDir, ModelDirError,
+                            UnsupportedImageFormatError)
 from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, QueueFullError
 from captrt.serve.config import ServeConfig
 from captrt.serve.metrics import ServeMetrics, route_label
@@ -367,9 +367,6 @@ def _captions_openapi(max_beam: int | None, max_steps: int | None) -> dict[str, 
 
 def _limits(config: ServeConfig, captioner: Captioner | None) -> tuple[int | None, int | None]:
     """(max_beam, max_steps cap) for the OpenAPI schema, from the manifest (the model loads later)."""
-    from captrt.runtime.errors import ModelDirError
-    from captrt.runtime.model_dir import ModelDir
-
     try:
         model = captioner.model if captioner is not None else ModelDir.load(config.model)
     except ModelDirError:

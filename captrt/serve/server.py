@@ -23,7 +23,7 @@ def serve(config: ServeConfig) -> int:
     """Validate, bind, load in the background, serve until a signal; returns the exit code."""
     import uvicorn
 
-    from captrt.runtime.model_dir import ModelDir
+    from captrt.runtime import ModelDir
     from captrt.serve.app import create_app
 
     config.validate()

@@ -50,6 +50,30 @@ def test_every_input_kind_gives_the_same_caption(captioner, images, expected, tm
         assert captioner.caption([f], beam_size=3)[0].tokens == expected[0].tokens
 
 
+def test_read_image_then_caption_equals_caption(captioner, images, expected):
+    """What a service does: decode first (read_image, with the Captioner's limits), caption the arrays."""
+    data = io.BytesIO()
+    Image.fromarray(images[1]).save(data, format="PNG")
+    pixels = captioner.read_image(data.getvalue(), name="upload")
+    assert pixels.shape == (captioner.model.image_size,) * 2 + (3,) and pixels.dtype == np.uint8
+    assert captioner.caption([pixels], beam_size=3)[0].tokens == expected[1].tokens
+    with pytest.raises(InvalidImageError, match="^upload:"):
+        captioner.read_image(b"junk", name="upload")
+
+
+def test_info_warmup_and_to_dict(captioner, expected):
+    info = captioner.info()
+    assert info["id"] == captioner.model.model_id and info["id"].startswith("model@")
+    assert (info["engine"], info["provider"], info["precision"]) == ("ort", "CPUExecutionProvider", "fp32")
+    assert info["vocab_size"] == len(captioner.vocab) and info["grid"] == captioner.model.grid
+    captioner.warmup(batch_sizes=(1, 3))
+    c = expected[0]
+    assert c.to_dict() == {"caption": c.text, "tokens": c.tokens, "score": c.score, "finished": True, "error": None}
+    bad = Caption("", [], float("nan"), None, "x.png: broken", False)
+    assert bad.to_dict(attention=True) == {"caption": None, "tokens": [], "score": None, "finished": False,
+                                           "error": "x.png: broken", "attention": None}
+
+
 def test_caption_fields(captioner, expected):
     c = expected[0]
     assert isinstance(c, Caption)

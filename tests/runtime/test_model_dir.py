@@ -48,6 +48,16 @@ def test_valid_directory_loads(varied_model_dir):
     assert embedding_rows(scan_model(data)) == md.vocab_size
 
 
+def test_model_id_names_the_manifest(model_copy):
+    """'<dir>@<sha256 prefix of captrt.json>': stable across loads, new when anything listed changes."""
+    first = ModelDir.load(model_copy).model_id
+    assert first == ModelDir.load(model_copy).model_id and first.startswith("model@") and len(first) == 6 + 12
+    m = manifest(model_copy)
+    m["max_beam"] = m["max_beam"] - 1
+    (model_copy / "captrt.json").write_text(json.dumps(m))
+    assert ModelDir.load(model_copy).model_id != first
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelDirError, match="no such model directory"):
         Captioner.load(tmp_path / "nope")

@@ -22,7 +22,9 @@ from captrt.runtime.preprocess import (
     IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageTooLargeError,
     InvalidImageError,
+    UnsupportedImageFormatError,
     describe_source,
     load_image,
     normalize,
@@ -101,6 +103,24 @@ def test_tiff_refused_by_default_but_allowed_on_request(tmp_path):
     with pytest.raises(InvalidImageError, match=r"img\.tif: TIFF images are not accepted"):
         load_image(path, S)
     np.testing.assert_array_equal(load_image(path, S, formats=("tiff",)), expected_resize(rgb))
+
+
+def test_error_kinds_and_the_name_override():
+    """Services map these to HTTP statuses: a refused format, a cap, anything else unreadable."""
+    png = encode(Image.fromarray(smooth()), "PNG")
+    tiff = encode(Image.fromarray(smooth()), "TIFF")
+    with pytest.raises(UnsupportedImageFormatError, match=r"^upload\.tif: TIFF images are not accepted"):
+        load_image(tiff, S, name="upload.tif")
+    with pytest.raises(UnsupportedImageFormatError, match="PNG images are not accepted"):
+        load_image(png, S, formats=("JPEG",))
+    with pytest.raises(ImageTooLargeError, match="byte limit"):
+        load_image(png, S, max_bytes=len(png) - 1)
+    with pytest.raises(ImageTooLargeError, match="pixel limit|pixels, above"):
+        load_image(png, S, max_pixels=10)
+    with pytest.raises(InvalidImageError) as info:
+        load_image(png[:40], S, name="part 3")
+    assert not isinstance(info.value, (UnsupportedImageFormatError, ImageTooLargeError))
+    assert str(info.value).startswith("part 3:")
 
 
 def test_format_restriction_is_applied(tmp_path):
