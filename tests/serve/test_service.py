@@ -268,7 +268,8 @@ def test_memory_is_flat_over_2000_requests(server, auth, jpegs):
     rss_200 = server.rss_bytes()
     assert asyncio.run(run(1800)) == 1800
     rss_2000 = server.rss_bytes()
-    assert rss_2000 - rss_200 < 24 * 1024 * 1024, (rss_200, rss_2000)
+    # measured here: +1.2 MiB on 366 MiB; a leak of 10 kB per request would add 18 MiB
+    assert rss_2000 - rss_200 < 16 * 1024 * 1024, (rss_200, rss_2000)
 
 
 def test_event_loop_answers_while_the_engine_runs(server, auth, jpegs):
