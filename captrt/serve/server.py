@@ -1,13 +1,15 @@
 """`captrt serve`: run the service under uvicorn until SIGTERM/SIGINT, then drain and exit 0.
 
 Exit codes: 0 after a signal-initiated shutdown (in-flight requests finished first), 1 when the model
-failed to load, 2 for a bad configuration (raised as ValueError/ModelDirError before anything binds).
+failed to load, 2 for a bad configuration or an address that cannot be bound (raised as
+ValueError/ModelDirError before the model loads).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -38,6 +40,7 @@ def serve(config: ServeConfig) -> int:
         if server is not None:
             server.should_exit = True
 
+    sock = bind_socket(config.host, config.port)  # before the app loads anything: a busy port fails fast
     app = create_app(config, on_fatal=on_fatal)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                access_log=config.access_log, limit_concurrency=config.max_connections,
@@ -49,11 +52,31 @@ def serve(config: ServeConfig) -> int:
     # so a drained shutdown exits 0 as process managers expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    host, port = sock.getsockname()[:2]
+    logging.getLogger("captrt.serve").info("captrt serve: listening on http://%s:%d", host, port)
+    server.run(sockets=[sock])
     if failure:
         print(f"captrt serve: error: model failed to load: {failure[0]}", file=sys.stderr)
         return EXIT_LOAD_FAILED
     return EXIT_OK
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port); ValueError naming both if it
+    cannot be bound (address in use, not an address of this machine, privileged port)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    return sock
 
 
 def _configure_logging(level: str) -> None:
