@@ -124,14 +124,17 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     try:
         for s in range(0, len(files), batch):
             chunk = files[s:s + batch]
+            # With plots, each image is decoded once here and both captioned and drawn from the array;
+            # an unreadable one stays a path, so caption() reports it exactly as without plots.
+            images = [_read_or_path(captioner, p) for p in chunk] if plot_dir is not None else chunk
             try:
-                caps = captioner.caption(chunk, beam_size=beam, max_steps=max_steps, length_penalty=length_penalty,
+                caps = captioner.caption(images, beam_size=beam, max_steps=max_steps, length_penalty=length_penalty,
                                          return_attention=plot_dir is not None, batch_size=batch)
             except ValueError as exc:  # bad beam/max_steps/length_penalty: same for every batch
                 bar.close()
                 complain(str(exc))
                 return EXIT_USAGE
-            for path, cap in zip(chunk, caps):
+            for path, image, cap in zip(chunk, images, caps):
                 if cap.error is not None:
                     failed += 1
                     if not json_lines:
@@ -141,7 +144,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
                 elif cap.error is None:
                     out.write(f"{path}\t{cap.text}\n")
                 if plot_dir is not None and cap.error is None:
-                    failed += _plot(captioner, path, cap, plot_dir / _attention_name(path, used_names), complain)
+                    failed += _plot(captioner, path, image, cap, plot_dir / _attention_name(path, used_names), complain)
             out.flush()
             bar.update(len(chunk))
     finally:
@@ -150,15 +153,23 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _plot(captioner: Any, path: str, cap: Any, target: Path, complain) -> int:
-    from captrt.runtime.attention_plot import plot_attention
-    from captrt.runtime.preprocess import InvalidImageError, load_image
+def _read_or_path(captioner: Any, path: str) -> Any:
+    from captrt.runtime.preprocess import InvalidImageError
 
     try:
-        image = load_image(path, captioner.model.image_size, **captioner.image_options)
+        return captioner.read_image(path)
+    except InvalidImageError:
+        return path
+
+
+def _plot(captioner: Any, path: str, image: Any, cap: Any, target: Path, complain) -> int:
+    """Draw `cap`'s attention over `image`, the (S, S, 3) array it was captioned from."""
+    from captrt.runtime.attention_plot import plot_attention
+
+    try:
         words = [captioner.vocab.id2word[t] for t in cap.tokens]
         plot_attention(image, words, cap.attention, target)
-    except (InvalidImageError, OSError, RuntimeError) as exc:  # e.g. the file changed, or no matplotlib
+    except (OSError, RuntimeError) as exc:  # e.g. an unwritable directory, or no matplotlib
         complain(f"{path}: attention plot not written: {exc}")
         return 1
     return 0

@@ -91,6 +91,13 @@ def test_attention_pngs(varied_model_dir, photo_dir, tmp_path):
     assert pngs == ["img0.png", "img4.png"]
     with Image.open(out_dir / "img0.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
+    # with plots each image is decoded once and captioned from that array: same captions, and an
+    # unreadable file is reported as without plots
+    inputs = [photo_dir / "img0.png", photo_dir / "missing.png", photo_dir / "sub" / "img4.png"]
+    plain = run(inputs, varied_model_dir, beam=2, json_lines=True)
+    plotted = run(inputs, varied_model_dir, beam=2, json_lines=True, attention_dir=tmp_path / "att2")
+    assert plain[0] == plotted[0] == EXIT_SOME_FAILED and plain[1] == plotted[1]
+    assert sorted(p.name for p in (tmp_path / "att2").iterdir()) == ["img0.png", "img4.png"]
 
 
 @pytest.mark.parametrize("inputs,kwargs,message", [
