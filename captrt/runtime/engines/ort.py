@@ -56,24 +56,23 @@ def session_options(threads: int | None, log_level: int = 3) -> ort.SessionOptio
 def tensorrt_options(model: "ModelDir", precision: str, max_batch: int, opt_batch: int,
                      opt_beam: int) -> dict[str, dict[str, Any]]:
     """TensorRT EP options per graph: engine + timing cache under MODEL_DIR/cache and explicit
-    optimization profiles over batch and beam, so the shrinking batch never triggers a rebuild."""
+    optimization profiles over batch and beam, so the shrinking batch never triggers a rebuild.
+    The profiles are the native engine's (trt_build.profiles_for_model), in the EP's string form."""
+    from captrt.runtime.engines.trt_build import profiles_for_model
+
     cache = model.cache_dir() / f"ort-trt-{precision}"
     cache.mkdir(exist_ok=True)
-    s, p, h = model.image_size, model.num_pixels, model.dims["decoder_dim"]
-    e, a, c = model.dims["encoder_dim"], model.dims["attention_dim"], model.max_beam
+    profiles = profiles_for_model(model, max_batch=max_batch, opt_batch=min(opt_batch, max_batch),
+                                  opt_beam=min(opt_beam, model.max_beam))
 
-    def shapes(n: int, k: int, k_prev: int) -> dict[str, str]:
-        return {"encoder": f"image:{n}x{s}x{s}x3",
-                "decoder_step": ",".join([f"tokens:{n}x{k}", f"origin:{n}x{k}", f"h:{n}x{k_prev}x{h}",
-                                          f"c:{n}x{k_prev}x{h}", f"features:{n}x{p}x{e}", f"att_proj:{n}x{p}x{a}"])}
+    def shapes(graph: str, which: int) -> str:  # which: 0 min, 1 opt, 2 max -> "name:1x2x3,name:..."
+        return ",".join(f"{name}:{'x'.join(map(str, dims[which]))}" for name, dims in profiles[graph].items())
 
-    opt_batch, opt_beam = min(opt_batch, max_batch), min(opt_beam, c)
-    lo, opt, hi = shapes(1, 1, 1), shapes(opt_batch, opt_beam, opt_beam), shapes(max_batch, c, c)
     common = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
               "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
-    return {g: {**common, "trt_profile_min_shapes": lo[g], "trt_profile_opt_shapes": opt[g],
-                "trt_profile_max_shapes": hi[g]} for g in ("encoder", "decoder_step")}
+    return {g: {**common, "trt_profile_min_shapes": shapes(g, 0), "trt_profile_opt_shapes": shapes(g, 1),
+                "trt_profile_max_shapes": shapes(g, 2)} for g in ("encoder", "decoder_step")}
 
 
 class _Closed:
