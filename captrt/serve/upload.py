@@ -92,6 +92,9 @@ async def _read_multipart(request: Request, config: ServeConfig) -> tuple[list[U
         form = await request.form(max_files=config.max_images, max_fields=len(PARAMS) * 2,
                                   max_part_size=_MAX_FIELD_BYTES)
     except HTTPException as exc:  # starlette's wrapping of a multipart parse error
+        if str(exc.detail).startswith("Too many files"):
+            raise ServeError(413, f"more than {config.max_images} images in one request (the service's "
+                                  "--max-images); split it") from None
         raise ServeError(400, f"malformed multipart body: {exc.detail}") from None
     try:
         uploads: list[Upload] = []
