@@ -212,16 +212,15 @@ def stop_all(servers: dict[str, Server]) -> None:
 
 def parse_metric(text: str, name: str) -> float | None:
     """The value of the unlabelled sample `name` in Prometheus text format, None when absent."""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if parts[0] == name and len(parts) >= 2:
-            try:
-                return float(parts[1])
-            except ValueError:
-                return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and not sample.labels:
+                    return float(sample.value)
+    except ValueError:  # not Prometheus text at all
+        return None
     return None
 
 

@@ -94,17 +94,11 @@ class ServerProcess:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text (0.0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        key, _, value = line.rpartition(" ")
-        if "{" in key:
-            sample, rest = key.split("{", 1)
-            got = ",".join(sorted(rest.rstrip("}").split(",")))
-        else:
-            sample, got = key, ""
-        if sample == name and got == want:
-            return float(value)
+    """The value of one sample in Prometheus text (0.0 when absent), read with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     return 0.0
