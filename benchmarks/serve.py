@@ -226,17 +226,21 @@ def parse_metric(text: str, name: str) -> float | None:
 
 def batch_counters(text: str) -> dict[str, float]:
     """The counters a level's before/after difference needs, from one /metrics scrape (0 if absent)."""
-    names = ("captrt_batch_size_sum", "captrt_batch_size_count", "captrt_images_captioned_total")
+    names = ("captrt_batch_size_sum", "captrt_batch_size_count", "captrt_images_captioned_total",
+             "captrt_inference_seconds_sum")
     return {n: parse_metric(text, n) or 0.0 for n in names}
 
 
 def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """Batches run, images in them, their mean size and images captioned between two scrapes."""
+    """Batches run, images in them, their mean size, images captioned, and the engine's time per image
+    (inference wall time over batched images: what batching itself buys, without HTTP) between two scrapes."""
     batches = after["captrt_batch_size_count"] - before["captrt_batch_size_count"]
     images = after["captrt_batch_size_sum"] - before["captrt_batch_size_sum"]
+    engine_s = after["captrt_inference_seconds_sum"] - before["captrt_inference_seconds_sum"]
     return {"batches": int(batches), "batched_images": int(images),
             "mean_batch": round(images / batches, 2) if batches > 0 else None,
-            "server_images": int(after["captrt_images_captioned_total"] - before["captrt_images_captioned_total"])}
+            "server_images": int(after["captrt_images_captioned_total"] - before["captrt_images_captioned_total"]),
+            "engine_ms_per_image": round(engine_s * 1e3 / images, 2) if images > 0 else None}
 
 
 def classify(status: int, body: bytes) -> str | None:
@@ -422,7 +426,7 @@ def _num(x: float | None) -> str:
 
 
 TABLE_HEADERS = ("batching", "max batch", "concurrency", "requests", "req/s", "img/s", "p50 ms", "p90 ms",
-                 "p99 ms", "errors", "mean batch")
+                 "p99 ms", "errors", "mean batch", "engine ms/img")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -432,7 +436,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lat = r["latency_ms"]
         cells = [r["mode"].upper(), str(r["max_batch"]), str(r["concurrency"]), str(r["requests"]),
                  _num(r["requests_per_s"]), _num(r["images_per_s"]), _num(lat["p50"]), _num(lat["p90"]),
-                 _num(lat["p99"]), str(r["errors"]), "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"]
+                 _num(lat["p99"]), str(r["errors"]), "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}",
+                 _num(r.get("engine_ms_per_image"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -453,6 +458,11 @@ def note_lines(report: dict[str, Any]) -> list[str]:
             ratios = pair_ratios(on, off)
             out.append(f"concurrency {c}: images/s ON/OFF per round pair: "
                        + (", ".join(f"{x:.2f}" for x in ratios) or "-"))
+            e_on, e_off = on.get("engine_ms_per_image"), off.get("engine_ms_per_image")
+            if e_on and e_off and on.get("images_per_s") and off.get("images_per_s"):
+                out.append(f"concurrency {c}: the engine alone took {e_on:.1f} ms per image in batches of "
+                           f"{on['mean_batch']:.1f} and {e_off:.1f} ms alone ({e_off / e_on:.2f}x: the engine's own "
+                           f"batch gain); the service gained {on['images_per_s'] / off['images_per_s']:.2f}x")
     for r in rows:
         if r["error_kinds"]:
             out.append(f"errors, {r['mode'].upper()} at concurrency {r['concurrency']}: "

@@ -36,6 +36,11 @@ captrt_batch_size_sum 61.0
 # HELP captrt_images_captioned_total Images the engine captioned
 # TYPE captrt_images_captioned_total counter
 captrt_images_captioned_total 61.0
+# HELP captrt_inference_seconds Wall time of one batched engine call
+# TYPE captrt_inference_seconds histogram
+captrt_inference_seconds_bucket{le="+Inf"} 7.0
+captrt_inference_seconds_count 7.0
+captrt_inference_seconds_sum 1.2
 captrt_requests_total{method="POST",route="/v1/captions",status="200"} 61.0
 """
 
@@ -79,9 +84,10 @@ def test_parse_metric_and_batch_delta():
     assert serve.parse_metric(METRICS, "captrt_batch_size") is None  # only whole sample names match
     assert serve.parse_metric(METRICS, "captrt_requests_total") is None  # labelled samples are not this one
     before = serve.batch_counters("captrt_batch_size_count 2.0\ncaptrt_batch_size_sum 2.0\n"
-                                  "captrt_images_captioned_total 2.0\n")
+                                  "captrt_images_captioned_total 2.0\ncaptrt_inference_seconds_sum 0.02\n")
     delta = serve.batch_delta(before, serve.batch_counters(METRICS))
-    assert delta == {"batches": 5, "batched_images": 59, "mean_batch": 11.8, "server_images": 59}
+    assert delta == {"batches": 5, "batched_images": 59, "mean_batch": 11.8, "server_images": 59,
+                     "engine_ms_per_image": 20.0}  # (1.2 - 0.02) s over 59 images
 
 
 def test_classify_answers():
