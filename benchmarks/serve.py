@@ -36,9 +36,6 @@ import asyncio
 import datetime as _dt
 import json
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from captrt.bench.serve_process import ServeProcess, ServeProcessError, metric_value
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -56,15 +55,10 @@ SETTINGS = {"full": {"rounds": 4, "round_seconds": 8.0, "max_requests": 2000},
 MODES = ("on", "off")
 SERVER_TIMEOUT_S = 30.0                       # the servers' --timeout-s
 REQUEST_TIMEOUT_S = SERVER_TIMEOUT_S + 10.0   # the client's: the server answers 504 before this
-READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = SERVER_TIMEOUT_S + 15.0      # drain (<= --timeout-s + 5 s margin) and exit
 TARGET_CONCURRENCY, TARGET_RATIO, TARGET_TAIL = 32, 1.2, 3.0
 BUSY_CORES = 0.25                             # run_suite's threshold: a quarter of a core used by others
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
-
-
-class ServerError(RuntimeError):
-    """A server failed to start, died, or did not answer; the message carries its stderr tail."""
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -108,127 +102,30 @@ def load_uploads(path: Path) -> tuple[list[Upload], str]:
 
 # ----------------------------------------------------------------------------------------- servers
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(model: Path, port: int, max_batch: int, precision: str, threads: int | None) -> list[str]:
-    """The `captrt serve` command line of one server (the module form, so the venv's captrt runs)."""
-    cmd = [sys.executable, "-m", "captrt", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", "5", "--queue", "256",
-           "--timeout-s", f"{SERVER_TIMEOUT_S:g}", "--precision", precision, "--log-level", "warning"]
+def server_flags(max_batch: int, precision: str, threads: int | None) -> list[str]:
+    """The `captrt serve` flags of one server (ServeProcess adds --model, --host and --port)."""
+    flags = ["--max-batch", str(max_batch), "--max-wait-ms", "5", "--queue", "256",
+             "--timeout-s", f"{SERVER_TIMEOUT_S:g}", "--precision", precision, "--log-level", "warning"]
     if threads is not None:
-        cmd += ["--threads", str(threads)]
-    return cmd
+        flags += ["--threads", str(threads)]
+    return flags
 
 
-@dataclass
-class Server:
-    """One `captrt serve` subprocess; its stdout and stderr go to a log file (a pipe could fill up)."""
-
-    mode: str
-    cmd: list[str]
-    port: int
-    log: Path
-    proc: subprocess.Popen | None = None
-    exit_code: int | None = None
-    killed: bool = False
-
-    @classmethod
-    def start(cls, mode: str, cmd: list[str], port: int, log_dir: Path) -> "Server":
-        log = log_dir / f"server-{mode}.log"
-        server = cls(mode, cmd, port, log)
-        with open(log, "ab") as f:
-            server.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd=ROOT)
-        return server
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stderr_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty)"
-
-    def fail(self, what: str) -> ServerError:
-        """A ServerError naming this server and showing its stderr tail."""
-        code = "" if self.alive() or self.proc is None else f" (exit code {self.proc.returncode})"
-        tail = "\n".join("    " + line for line in self.stderr_tail().splitlines())
-        return ServerError(f"server '{self.mode}' (port {self.port}){code}: {what}; its stderr ends with:\n{tail}")
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> float:
-        """Poll /readyz until 200; seconds waited. ServerError if it dies or the time runs out."""
-        import httpx
-
-        started = time.perf_counter()
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
-            while time.perf_counter() - started < timeout_s:
-                if not self.alive():
-                    raise self.fail("exited before it was ready")
-                try:
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return time.perf_counter() - started
-                except httpx.TransportError:
-                    pass  # not listening yet
-                time.sleep(0.2)
-        raise self.fail(f"not ready after {timeout_s:g} s")
-
-    def terminate(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """Wait for the exit after terminate(); kill it after timeout_s. Returns the exit code."""
-        if self.proc is None:
-            return None
-        try:
-            self.exit_code = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.killed = True
-            self.proc.kill()
-            self.exit_code = self.proc.wait()
-        return self.exit_code
-
-
-def stop_all(servers: dict[str, Server]) -> None:
+def stop_all(servers: dict[str, ServeProcess]) -> None:
     """SIGTERM to every server at once, then wait for each (kill after a bounded wait)."""
     for s in servers.values():
         s.terminate()
     for s in servers.values():
-        s.wait_exit()
+        s.wait_exit(STOP_TIMEOUT_S)
 
 
 # ------------------------------------------------------------------------------------------ client
-
-def parse_metric(text: str, name: str) -> float | None:
-    """The value of the unlabelled sample `name` in Prometheus text format, None when absent."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and not sample.labels:
-                    return float(sample.value)
-    except ValueError:  # not Prometheus text at all
-        return None
-    return None
-
 
 def batch_counters(text: str) -> dict[str, float]:
     """The counters a level's before/after difference needs, from one /metrics scrape (0 if absent)."""
     names = ("captrt_batch_size_sum", "captrt_batch_size_count", "captrt_images_captioned_total",
              "captrt_inference_seconds_sum")
-    return {n: parse_metric(text, n) or 0.0 for n in names}
+    return {n: metric_value(text, n) or 0.0 for n in names}
 
 
 def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -297,12 +194,12 @@ async def _worker(client: Any, url: str, uploads: Sequence[Upload], params: dict
             result.errors[error] += 1
 
 
-async def run_round(server: Server, uploads: Sequence[Upload], concurrency: int, *, max_requests: int,
+async def run_round(server: ServeProcess, uploads: Sequence[Upload], concurrency: int, *, max_requests: int,
                     seconds: float, params: dict[str, Any]) -> RoundResult:
     """One closed-loop round: `concurrency` workers, at most max_requests requests, sent within `seconds`."""
     import httpx
 
-    result = RoundResult(server.mode, concurrency)
+    result = RoundResult(server.name, concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # A fresh pool per round: the server drops idle keep-alive connections while the other mode runs.
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
@@ -317,7 +214,7 @@ async def run_round(server: Server, uploads: Sequence[Upload], concurrency: int,
     return result
 
 
-async def scrape(server: Server) -> dict[str, float]:
+async def scrape(server: ServeProcess) -> dict[str, float]:
     """The batch counters from the server's /metrics."""
     import httpx
 
@@ -333,7 +230,7 @@ def round_order(i: int) -> tuple[str, str]:
     return MODES if i % 2 == 0 else MODES[::-1]
 
 
-async def measure_level(servers: dict[str, Server], uploads: Sequence[Upload], concurrency: int,
+async def measure_level(servers: dict[str, ServeProcess], uploads: Sequence[Upload], concurrency: int,
                         settings: dict[str, Any], params: dict[str, Any], log: Any) -> dict[str, Any]:
     """Warm both servers up, then alternate rounds; per mode: its rounds, batch counters and warm-up errors."""
     warm = {}
@@ -592,7 +489,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def measure_all(servers: dict[str, Server], uploads: Sequence[Upload], levels: Sequence[int],
+async def measure_all(servers: dict[str, ServeProcess], uploads: Sequence[Upload], levels: Sequence[int],
                       settings: dict[str, Any], params: dict[str, Any], max_batch: int) -> list[dict[str, Any]]:
     rows = []
     for c in levels:
@@ -605,7 +502,7 @@ async def measure_all(servers: dict[str, Server], uploads: Sequence[Upload], lev
     return rows
 
 
-def model_id(server: Server) -> str | None:
+def model_id(server: ServeProcess) -> str | None:
     import httpx
 
     try:
@@ -635,22 +532,21 @@ def main(argv: list[str] | None = None) -> int:
             "now: the numbers will be noisy")
     other = OtherCpu()
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServeProcess] = {}
     error: str | None = None
     rows: list[dict[str, Any]] = []
     mid = None
     with tempfile.TemporaryDirectory(prefix="captrt-serve-bench.") as logs:
         try:
             for mode in MODES:
-                port = free_port()
-                cmd = server_command(args.model, port, args.max_batch if mode == "on" else 1, args.precision,
-                                     args.threads)
-                servers[mode] = Server.start(mode, cmd, port, Path(logs))
+                flags = server_flags(args.max_batch if mode == "on" else 1, args.precision, args.threads)
+                servers[mode] = ServeProcess(args.model, *flags, log=Path(logs) / f"server-{mode}.log", name=mode)
             for s in servers.values():
-                log(f"[serve bench] server {s.mode.upper()} ready in {s.wait_ready():.1f} s on port {s.port}")
+                log(f"[serve bench] server {s.name.upper()} ready in {s.wait_ready():.1f} s "
+                    f"on port {s.port}")
             mid = model_id(servers["on"])
             rows = asyncio.run(measure_all(servers, uploads, args.concurrency, settings, params, args.max_batch))
-        except ServerError as exc:
+        except ServeProcessError as exc:
             error = str(exc)
         finally:
             stop_all(servers)

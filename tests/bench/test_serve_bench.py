@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from captrt.bench.sections import SERVE_BEGIN, SERVE_END, append_preserved, extract_section, replace_section
+from captrt.bench.serve_process import metric_value
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -79,10 +80,10 @@ def test_summarize_mode_without_successes():
 
 
 def test_parse_metric_and_batch_delta():
-    assert serve.parse_metric(METRICS, "captrt_batch_size_sum") == 61.0
-    assert serve.parse_metric(METRICS, "captrt_batch_size_count") == 7.0
-    assert serve.parse_metric(METRICS, "captrt_batch_size") is None  # only whole sample names match
-    assert serve.parse_metric(METRICS, "captrt_requests_total") is None  # labelled samples are not this one
+    assert metric_value(METRICS, "captrt_batch_size_sum") == 61.0
+    assert metric_value(METRICS, "captrt_batch_size_count") == 7.0
+    assert metric_value(METRICS, "captrt_batch_size") is None  # only whole sample names match
+    assert metric_value(METRICS, "captrt_requests_total") is None  # labelled samples are not this one
     before = serve.batch_counters("captrt_batch_size_count 2.0\ncaptrt_batch_size_sum 2.0\n"
                                   "captrt_images_captioned_total 2.0\ncaptrt_inference_seconds_sum 0.02\n")
     delta = serve.batch_delta(before, serve.batch_counters(METRICS))

@@ -1,86 +1,35 @@
-"""The real service in a subprocess (`python -m captrt serve`) on a free loopback port, for the tests."""
+"""The real service for the tests: captrt.bench.serve_process.ServeProcess as a context manager, plus
+what only the tests read about the process (RSS, open file descriptors)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
+from captrt.bench.serve_process import ServeProcess, free_port, metric_value
 
-READY_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "free_port", "metric"]
 
 
-class ServerProcess:
-    """`with ServerProcess(model_dir, "--max-batch", "4") as srv: httpx.get(srv.url + "/healthz")`.
+class ServerProcess(ServeProcess):
+    """`with ServerProcess(model_dir, "--max-batch", "4", log=path) as srv: httpx.get(srv.url + "/healthz")`.
 
-    Waits for /readyz on entry (unless wait_ready=False); on exit sends SIGTERM and waits (bounded),
-    killing the process only if it does not stop by itself."""
+    Waits for /readyz on entry; on exit sends SIGTERM and waits (bounded), killing the process only if
+    it does not stop by itself. Engine threads are pinned to 2 and logs to warnings."""
 
-    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None, log: Path | None = None,
-                 wait_ready: bool = True):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        cmd = [sys.executable, "-m", "captrt", "serve", "--model", str(model_dir), "--port", str(self.port),
-               "--threads", "2", "--log-level", "warning", *args]
-        full_env = {**os.environ, **(env or {})}
-        self._log = open(log, "wb") if log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        self.wait_ready = wait_ready
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
+    def __init__(self, model_dir: Path, *args: str, log: Path, env: dict[str, str] | None = None):
+        super().__init__(model_dir, "--threads", "2", "--log-level", "warning", *args, log=log, env=env)
 
     def __enter__(self) -> "ServerProcess":
-        if self.wait_ready:
-            self.await_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def await_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {READY_TIMEOUT_S} s:\n{self.log_text()[-3000:]}")
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait for the exit code (kill after `timeout`)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise
-
     def __exit__(self, *exc: object) -> None:
-        try:
-            self.terminate()
-        finally:
-            if self._log is not subprocess.DEVNULL:
-                self._log.close()
+        self.stop()
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process (Linux /proc)."""
@@ -94,11 +43,6 @@ class ServerProcess:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text (0.0 when absent), read with prometheus_client's parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    """The value of one sample in Prometheus text, 0.0 when absent (a counter not yet incremented)."""
+    value = metric_value(text, name, **labels)
+    return 0.0 if value is None else value

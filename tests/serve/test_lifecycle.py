@@ -76,7 +76,7 @@ def test_sigterm_drains_in_flight_requests(serve_model_dir, jpegs, tmp_path):
         while metric(httpx.get(srv.url + "/metrics").text, "captrt_requests_in_flight") < 4:
             assert time.monotonic() < deadline, "requests never arrived"
             time.sleep(0.01)
-        code = srv.terminate()
+        code = srv.stop()
         client.join(120)
         assert code == 0, srv.log_text()
         assert [r.status_code for r in results] == [200] * 6
