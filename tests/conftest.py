@@ -42,6 +42,19 @@ def make_tiny_checkpoint(path, *, seed: int = 0, backbone: str = "resnet18", enc
     return path
 
 
+def cuda_usable() -> bool:
+    """An NVIDIA driver is loadable and ONNX Runtime offers its CUDA provider (GPU tests run only then)."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def random_images(n: int, seed: int = 0, size: int = 256) -> np.ndarray:
     """(n, size, size, 3) uint8 smooth random images (blobs, not white noise)."""
     rng = np.random.default_rng(seed)

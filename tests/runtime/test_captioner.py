@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from captrt.runtime import Caption, Captioner, EngineUnavailableError, InvalidImageError
-from tests.conftest import random_images
+from tests.conftest import cuda_usable, random_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,19 +150,7 @@ def test_bad_load_arguments(varied_model_dir, kwargs, error, message):
         Captioner.load(varied_model_dir, **kwargs)
 
 
-def _has_cuda_provider() -> bool:
-    import onnxruntime as ort
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-@pytest.mark.skipif(_has_cuda_provider(), reason="a CUDA driver is present: the GPU path is tested in test_gpu.py")
+@pytest.mark.skipif(cuda_usable(), reason="a CUDA driver is present: the GPU path is tested in test_gpu.py")
 @pytest.mark.parametrize("providers", [None, "tensorrt"])
 def test_cuda_without_gpu_is_an_error_not_a_silent_cpu_fallback(varied_model_dir, providers):
     with pytest.raises(EngineUnavailableError, match="requested (CUDA|Tensorrt)ExecutionProvider.*could only start CPUExecutionProvider"):

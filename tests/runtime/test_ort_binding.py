@@ -7,26 +7,16 @@ row runs, re-uploads otherwise, h0 reshaped in place) is run here on the CPU wit
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from captrt.runtime import Captioner
 from captrt.runtime.engines.ort_cuda import DeviceTensor
-from tests.conftest import random_images
+from tests.conftest import cuda_usable, random_images
 
 
-def _cuda_usable() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-gpu = pytest.mark.skipif(not _cuda_usable(), reason="needs an NVIDIA GPU with the CUDA driver")
+gpu = pytest.mark.skipif(not cuda_usable(), reason="needs an NVIDIA GPU with the CUDA driver")
 
 
 @pytest.fixture(scope="module")
