@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from captrt.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from captrt.train.checkpoint import CheckpointError, load_checkpoint
 from captrt.train.config import ModelConfig
 from captrt.train.loop import caption_loss, top5_accuracy
 from captrt.train.model import CaptionModel, normalize_uint8
