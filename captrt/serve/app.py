@@ -31,7 +31,7 @@ from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, Queu
 from captrt.serve.config import ServeConfig
 from captrt.serve.metrics import ServeMetrics, route_label
 from captrt.serve.upload import (BodyTooLargeError, ServeError, Upload, error_status, params_schema,
-                                 parse_params, read_uploads)
+                                 parse_params, read_uploads, too_large)
 
 log = logging.getLogger("captrt.serve")
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response": metrics only
@@ -220,7 +220,8 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
 
     @app.exception_handler(BodyTooLargeError)
     async def body_too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
-        return _error(413, str(exc))
+        # read_uploads turns the cap into a 413 itself; this catches any other reader of the body
+        return await serve_error(request, too_large(exc.limit))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
