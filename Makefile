@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision are pinned; pip takes them from this machine's local wheels.
-	$(PY) -m pip install -q -e '.[train,serve,dev]'
+	$(PY) -m pip install -q -e '.[train,serve,openvino,ray,dev]'
 	touch $(STAMP)
 
 demo: install

@@ -9,29 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from captrt.runtime.hardware import cpu_flags, cpu_model  # noqa: F401  (re-exported: bench rows name the CPU)
+
 LIBRARIES = ("captrt", "numpy", "onnxruntime-gpu", "onnxruntime", "onnx", "torch", "torchvision", "tensorrt")
-
-
-def cpu_model() -> str:
-    """The 'model name' of /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD features that matter for int8/fp32 speed (AVX2, AVX-512, VNNI, AMX), when listed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
-    return [f for f in wanted if f in flags]
 
 
 def usable_cores() -> int:

@@ -121,6 +121,22 @@ class Engine(ABC):
     def close(self) -> None:
         """Free the engine's resources (sessions, engines, contexts). Idempotent."""
 
+    @property
+    def needs_verification(self) -> bool:
+        """True when this engine's numerics are not the exported graphs' on ONNX Runtime's CPU provider,
+        so its captions must be checked against the model directory's parity set before serving
+        (captrt.runtime.verify). fp32 engines that compute in fp32 are exact; every lower precision,
+        and any precision the engine decides at load time (TensorRT builds, OpenVINO bf16), is not."""
+        return self.precision != "fp32"
+
+    def numerics(self) -> dict[str, Any]:
+        """What decides this engine's numbers: the key of a cached verification (captrt.runtime.verify).
+        Engines add their library versions and the device they run on (GPU name, effective precision)."""
+        from captrt.runtime.hardware import cpu_flags, cpu_model
+
+        return {"engine": self.name, "precision": self.precision, "provider": self.provider, "device": self.device,
+                "cpu": cpu_model(), "cpu_flags": cpu_flags(), "libraries": {}}
+
     def describe(self) -> dict[str, Any]:
         """A small summary for logs and `captrt info`."""
         return {"engine": self.name, "provider": self.provider, "device": self.device,
