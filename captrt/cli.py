@@ -165,6 +165,52 @@ def caption(images: List[str] = typer.Argument(..., help="image files, directori
 
 
 @app.command()
+def batch(sources: List[str] = typer.Argument(..., help="directories, globs, manifests (.txt, .csv/.parquet with a path "
+                                                        "column, Karpathy JSON); local or s3://, gs://, ..."),
+          model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
+          out: Path = typer.Option(..., "-o", "--out", help="output directory of shards"),
+          engine: str = typer.Option("ort", "--engine", help="ort | trt | torch"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
+          precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+          beam: int = typer.Option(5, "--beam"),
+          max_steps: int = typer.Option(50, "--max-steps"),
+          batch_size: int = typer.Option(16, "--batch-size", help="images per engine batch"),
+          fmt: str = typer.Option("parquet", "--format", help="parquet | jsonl"),
+          split: Optional[str] = typer.Option(None, "--split", help="Karpathy JSON sources: this split only"),
+          shard_rows: int = typer.Option(1000, "--shard-rows", help="rows per output shard (the unit of resume)"),
+          resume: bool = typer.Option(False, "--resume", help="continue OUT: skip inputs already in complete shards"),
+          ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                                            help="run on Ray: alone starts one on this machine; auto or HOST:PORT "
+                                                 "joins a running cluster"),
+          actors: Optional[int] = typer.Option(None, "--actors", help="Ray actors (default: CPUs / threads per actor)"),
+          threads_per_actor: Optional[int] = typer.Option(None, "--threads-per-actor", help="engine threads per actor"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="local mode: engine threads (default: all cores)"),
+          allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                                help="load a precision whose quality verification is missing or failed")):
+    """Caption a corpus into Parquet/JSON-lines shards (resumable; locally or on a Ray cluster)."""
+    import signal
+
+    from captrt.batch import EXIT_INTERRUPTED, BatchUsageError, run_batch
+
+    def _terminate(signum, frame):  # SIGTERM ends like Ctrl-C: finished shards are already safe
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = run_batch(sources, model, out, engine=engine, device=device, precision=precision, beam=beam,
+                           max_steps=max_steps, batch_size=batch_size, fmt=fmt, resume=resume, split=split,
+                           shard_rows=shard_rows, ray=ray, actors=actors, threads_per_actor=threads_per_actor,
+                           threads=threads, allow_unverified=allow_unverified)
+    except BatchUsageError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo(f"captrt batch: interrupted; complete shards are in {out}, rerun with --resume to finish", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    typer.echo(result.summary(), err=True)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
           engine: str = typer.Option("ort,torch,reference", "--engine", help="comma list: ort, trt, torch, reference"),
           precision: str = typer.Option("fp32", "--precision", help="comma list: fp32, fp16, int8"),

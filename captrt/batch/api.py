@@ -1,0 +1,200 @@
+"""run_batch: caption a corpus into a table of shards, locally or on a Ray cluster; resumable.
+
+    from captrt.batch import run_batch
+    result = run_batch(["photos/", "index.parquet"], "MODEL_DIR", "out/")           # local mode
+    result = run_batch(["s3://bucket/photos/"], "MODEL_DIR", "out/", ray="auto")     # a running Ray cluster
+    result.captioned, result.failed, result.exit_code
+
+See captrt/batch/shards.py for the output directory and the resume rule, sources.py for SOURCE.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TextIO
+
+from captrt.batch.progress import Progress
+from captrt.batch.rows import chunked
+from captrt.batch.shards import FORMATS, MANIFEST, Assembler, Chunk, OutputDir, OutputDirError
+from captrt.batch.sources import SourceError, count_paths, iter_paths
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_SHARD_ROWS = 1000
+_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
+
+
+class BatchUsageError(ValueError):
+    """Bad arguments, sources, model directory or OUT_DIR: one line naming the culprit (exit code 2)."""
+
+
+@dataclass
+class BatchResult:
+    """What one run did. captioned/failed: rows written by this run; skipped: inputs found complete
+    in OUT_DIR (resume); images: inputs in total; seconds: wall time of this run after start-up;
+    failed_total: failed rows in the whole OUT_DIR (earlier runs included)."""
+
+    out_dir: Path
+    images: int
+    captioned: int
+    failed: int
+    skipped: int
+    seconds: float
+    mode: str
+    failed_total: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input of OUT_DIR is captioned, 1 when some row (this run's or an earlier one's) failed."""
+        return EXIT_SOME_FAILED if self.failed or self.failed_total else EXIT_OK
+
+    @property
+    def rate(self) -> float:
+        return (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        skipped = f", {self.skipped} already done" if self.skipped else ""
+        return (f"captrt batch: {self.captioned} captioned, {self.failed} failed{skipped} in {self.seconds:.1f} s "
+                f"({self.rate:.1f} images/s, {self.mode}) -> {self.out_dir}")
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BatchUsageError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | os.PathLike, *, engine: str = "ort",
+              device: str | None = None, precision: str = "fp32", beam: int = 5, max_steps: int = 50,
+              batch_size: int = 16, fmt: str = "parquet", resume: bool = False, split: str | None = None,
+              shard_rows: int = DEFAULT_SHARD_ROWS, ray: str | None = None, actors: int | None = None,
+              threads_per_actor: int | None = None, threads: int | None = None, decode_threads: int | None = None,
+              decode: str = "actor", allow_unverified: bool = False, progress: bool | None = None,
+              stream: TextIO | None = None, log_interval_s: float = 30.0,
+              on_shard: Callable[[dict[str, Any]], None] | None = None, ray_init: dict[str, Any] | None = None
+              ) -> BatchResult:
+    """Caption every image of `sources` into OUT_DIR (one row per input, in shards of `shard_rows`).
+
+    ray: None runs in this process (local mode); 'local' starts a Ray instance on this machine;
+    'auto' or 'HOST:PORT' / 'ray://HOST:PORT' joins a running cluster. actors, threads_per_actor:
+    the Ray actor pool (default: as many 1-thread actors as the cluster has CPUs, see ray_mode).
+    threads: engine threads in local mode (default all cores); decode_threads: decoding threads in
+    local mode (default: the number of cores). decode: Ray mode only, 'actor' (decode inside the
+    actors) or 'tasks' (separate Ray Data tasks) on `stream` (default stderr).
+    progress None or True: a bar on a terminal, a line every log_interval_s otherwise; False: none. on_shard(entry): called
+    with each new manifest entry. ray_init: extra ray.init() keyword arguments.
+    Raises BatchUsageError (exit 2) for anything the caller must fix; KeyboardInterrupt passes through
+    with every finished shard already safe in OUT_DIR (--resume continues).
+    """
+    sources = [str(s) for s in sources]
+    if not sources:
+        raise BatchUsageError("no SOURCE given")
+    _positive("batch_size", batch_size)
+    _positive("beam", beam)
+    _positive("max_steps", max_steps)
+    _positive("shard_rows", shard_rows)
+    for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("threads", threads),
+                        ("decode_threads", decode_threads)):
+        if value is not None:
+            _positive(name, value)
+    if fmt not in FORMATS:
+        raise BatchUsageError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if decode not in ("actor", "tasks"):
+        raise BatchUsageError(f"decode must be 'actor' or 'tasks', got {decode!r}")
+    if ray is not None and not _ADDRESS.match(ray):
+        raise BatchUsageError(f"--ray takes auto, local, HOST:PORT or ray://HOST:PORT, got {ray!r} "
+                              "(write SOURCE before --ray, or --ray local)")
+    if ray is None and (actors is not None or threads_per_actor is not None):
+        raise BatchUsageError("--actors and --threads-per-actor apply to --ray only")
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise BatchUsageError(f"{out}: already exists (pass --resume to continue that run, or choose a new -o)")
+    if out.exists() and not out.is_dir():
+        raise BatchUsageError(f"{out}: exists and is not a directory")
+
+    from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+    from captrt.runtime.model_dir import ModelDir
+
+    try:
+        model_dir = ModelDir.load(Path(model))
+    except ModelDirError as exc:
+        raise BatchUsageError(str(exc)) from None
+    if device is None:
+        device = "cuda" if engine == "trt" else "cpu"
+    try:
+        total = count_paths(sources, split)
+    except SourceError as exc:
+        raise BatchUsageError(str(exc)) from None
+    settings = {"sources": sources, "split": split, "model_id": model_dir.model_id, "engine": engine,
+                "precision": precision, "device": device, "beam": beam, "max_steps": max_steps, "format": fmt,
+                "shard_rows": shard_rows}
+    load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision}
+    if allow_unverified:  # only passed when asked: older Captioner.load has no such keyword
+        load_options["allow_unverified"] = True
+
+    captioner = None
+    if ray is None:
+        from captrt.runtime.captioner import Captioner
+
+        try:
+            captioner = Captioner.load(model, threads=threads, **load_options)
+        except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
+            raise BatchUsageError(str(exc)) from None
+        if beam > captioner.max_beam:
+            captioner.close()
+            raise BatchUsageError(f"beam must be at most the model's max_beam {captioner.max_beam}, got {beam}")
+    try:
+        try:
+            output = OutputDir.open(out, settings, resume)
+        except OutputDirError as exc:
+            raise BatchUsageError(str(exc)) from None
+        already = output.totals()[0]
+        bar = Progress(max(total - already, 0), label="captrt batch", stream=stream, enabled=progress is not False,
+                       interval_s=log_interval_s)
+        assembler = Assembler(output, on_shard=on_shard)
+        skipped = [0]
+        chunks = _todo(sources, split, output, skipped)
+        stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": precision}
+        start = time.monotonic()
+        try:
+            if ray is None:
+                from captrt.batch.local import run_local
+                from captrt.batch.rows import make_reader
+
+                run_local(chunks, captioner, assembler, read=make_reader(captioner), stamp=stamp,
+                          batch_size=batch_size, beam=beam, max_steps=max_steps,
+                          decode_threads=decode_threads or (os.cpu_count() or 1), on_rows=bar.update)
+                mode = "local"
+            else:
+                from captrt.batch.ray_mode import run_ray
+
+                mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
+                               stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
+                               batch_size=batch_size, beam=beam, max_steps=max_steps, decode=decode,
+                               on_rows=bar.update, ray_init=ray_init)
+        except (SourceError, OutputDirError) as exc:
+            raise BatchUsageError(str(exc)) from None
+        finally:
+            bar.close()
+        seconds = time.monotonic() - start
+        if assembler.pending:
+            raise RuntimeError(f"{out}: {assembler.pending} chunks left incomplete (a bug); rerun with --resume")
+        summary = output.finish(seconds, assembler.captioned, assembler.failed)
+        return BatchResult(out, total, assembler.captioned, assembler.failed, skipped[0], seconds, mode,
+                           failed_total=summary["failed"])
+    finally:
+        if captioner is not None:
+            captioner.close()
+
+
+def _todo(sources: Sequence[str], split: str | None, output: OutputDir, skipped: list[int]) -> Iterator[Chunk]:
+    """The chunks of the input stream that OUT_DIR does not hold yet (counts the rest in skipped[0])."""
+    for start, paths in chunked(iter_paths(sources, split), output.shard_rows):
+        chunk = Chunk(start, paths)
+        if output.is_done(chunk):
+            skipped[0] += len(paths)
+            continue
+        yield chunk

@@ -1,0 +1,86 @@
+"""Local mode of `captrt batch`: one process, decoding overlapped with inference.
+
+    decode threads --(bounded look-ahead of decoded images)--> batched beam search --> Assembler --> shards
+
+The calling thread walks the inputs, keeps at most `lookahead` images submitted to a small thread
+pool (Pillow and ONNX Runtime both release the GIL, so decoding the next batch runs while the engine
+works on this one), and captions `batch_size` decoded images per engine call. Memory is bounded by the
+look-ahead, one batch and the chunks not yet complete, never by the size of the corpus.
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from captrt.batch.rows import error_row, result_rows
+from captrt.batch.shards import Assembler, Chunk
+
+
+def decode_ahead(items: Iterable[tuple[int, str]], read: Callable[[str], np.ndarray], threads: int,
+                 lookahead: int) -> Iterator[tuple[int, str, np.ndarray | str]]:
+    """(index, path) -> (index, path, uint8 (S, S, 3) image or the error message), in input order,
+    with up to `lookahead` images being decoded (or decoded and waiting) at any time."""
+    pending: collections.deque[tuple[int, str, Future]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="captrt-decode") as pool:
+        try:
+            for index, path in items:
+                pending.append((index, path, pool.submit(_read_or_error, read, path)))
+                if len(pending) >= lookahead:
+                    i, p, fut = pending.popleft()
+                    yield i, p, fut.result()
+            while pending:
+                i, p, fut = pending.popleft()
+                yield i, p, fut.result()
+        finally:  # interrupted (Ctrl-C, an error): drop what was queued, don't decode the rest
+            for _, _, fut in pending:
+                fut.cancel()
+
+
+def _read_or_error(read: Callable[[str], np.ndarray], path: str) -> np.ndarray | str:
+    from captrt.runtime.preprocess import InvalidImageError
+
+    try:
+        return read(path)
+    except (InvalidImageError, OSError) as exc:
+        return str(exc) or f"{path}: unreadable image"
+
+
+def run_local(chunks: Iterable[Chunk], captioner: Any, assembler: Assembler, *, read: Callable[[str], np.ndarray],
+              stamp: dict[str, str], batch_size: int, beam: int, max_steps: int, decode_threads: int,
+              on_rows: Callable[[int], None]) -> None:
+    """Caption every input of `chunks` with `captioner`; each complete chunk becomes a shard (assembler).
+
+    read: path -> uint8 (S, S, 3) (raises InvalidImageError/OSError). stamp: model_id/engine/precision
+    columns. on_rows(n): called after n more rows were produced (progress).
+    """
+
+    def items() -> Iterator[tuple[int, str]]:
+        for chunk in chunks:
+            assembler.expect(chunk)
+            for offset, path in enumerate(chunk.paths):
+                yield chunk.start + offset, path
+
+    batch: list[tuple[int, str, np.ndarray]] = []
+
+    def flush() -> None:
+        caps = captioner.caption([img for _, _, img in batch], beam_size=beam, max_steps=max_steps,
+                                 batch_size=len(batch))
+        for row in result_rows([(i, p) for i, p, _ in batch], caps, stamp):
+            assembler.add(row)
+        on_rows(len(batch))
+        batch.clear()
+
+    for index, path, image in decode_ahead(items(), read, decode_threads, lookahead=2 * batch_size + decode_threads):
+        if isinstance(image, str):
+            assembler.add(error_row(index, path, image, stamp))
+            on_rows(1)
+            continue
+        batch.append((index, path, image))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
