@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Show, Attend and Tell: train, export, caption, bench.")
 
@@ -164,7 +165,20 @@ def caption(images: List[str] = typer.Argument(..., help="image files, directori
     raise typer.Exit(code)
 
 
-@app.command()
+class _RayOptionCommand(typer.core.TyperCommand):
+    """`--ray` with an optional value, which typer's parser lacks: `--ray` alone (last, or followed by
+    another option) means `--ray local`; `--ray auto` / `--ray HOST:PORT` joins a cluster."""
+
+    def parse_args(self, ctx, args):
+        fixed = []
+        for i, arg in enumerate(args):
+            fixed.append(arg)
+            if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append("local")
+        return super().parse_args(ctx, fixed)
+
+
+@app.command(cls=_RayOptionCommand)
 def batch(sources: List[str] = typer.Argument(..., help="directories, globs, manifests (.txt, .csv/.parquet with a path "
                                                         "column, Karpathy JSON); local or s3://, gs://, ..."),
           model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
@@ -179,7 +193,7 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
           split: Optional[str] = typer.Option(None, "--split", help="Karpathy JSON sources: this split only"),
           shard_rows: int = typer.Option(1000, "--shard-rows", help="rows per output shard (the unit of resume)"),
           resume: bool = typer.Option(False, "--resume", help="continue OUT: skip inputs already in complete shards"),
-          ray: Optional[str] = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+          ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                             help="run on Ray: alone starts one on this machine; auto or HOST:PORT "
                                                  "joins a running cluster"),
           actors: Optional[int] = typer.Option(None, "--actors", help="Ray actors (default: CPUs / threads per actor)"),

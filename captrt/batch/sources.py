@@ -101,6 +101,13 @@ def _walk_local(root: str) -> Iterator[str]:
                 yield os.path.join(top, name)
 
 
+def _walk_key(path: str, root: str) -> tuple:
+    """Sort key giving os.walk's order (a folder's files, sorted, before its subfolders, sorted), so a
+    listing through pyarrow.fs orders paths as a local directory walk does."""
+    parts = posixpath.relpath(path, root).split("/")
+    return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
+
+
 def _join(base: str, path: str, posix: bool) -> str:
     """A manifest entry resolved against the manifest's folder (absolute entries and URIs kept)."""
     if is_uri(path) or not base:
@@ -205,8 +212,9 @@ def _iter_uri(source: str, split: str | None) -> Iterator[str]:
     prefix = f"{scheme}://"
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        for i in sorted((i for i in infos if i.type == pafs.FileType.File and _is_image(i.path)), key=lambda i: i.path):
-            yield prefix + i.path
+        files = [i.path for i in infos if i.type == pafs.FileType.File and _is_image(i.path)]
+        for p in sorted(files, key=lambda p: _walk_key(p, path)):
+            yield prefix + p
     elif _ext(path) in MANIFEST_EXTENSIONS:
         if info.type != pafs.FileType.File:
             raise SourceError(f"{source}: no such manifest file")
