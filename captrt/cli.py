@@ -126,20 +126,33 @@ def export(checkpoint: Path = typer.Argument(...),
            calib: Optional[Path] = typer.Option(None, "--calib", help="Karpathy JSON of calibration images"),
            calib_images: Optional[Path] = typer.Option(None, "--images"),
            word_map: Optional[Path] = typer.Option(None, "--word-map"),
-           parity_images: int = typer.Option(50, "--parity-images"),
-           force: bool = typer.Option(False, "--force", help="write even if parity fails"),
+           bf16: bool = typer.Option(False, "--bf16", help="verify OpenVINO bf16 on this CPU and record it"),
+           parity_images: int = typer.Option(100, "--parity-images", help="images in the model's parity set"),
+           quality_budget: float = typer.Option(0.99, "--quality-budget",
+                                                help="fraction of fp32's BLEU-4 and CIDEr a variant must keep"),
+           force: bool = typer.Option(False, "--force", help="write even if fp32 parity fails or a variant misses the budget"),
            overwrite: bool = typer.Option(False, "--overwrite")):
-    """Write a model directory: encoder.onnx + decoder_step.onnx (+ fp16/int8), parity-checked."""
+    """Write a model directory: encoder.onnx + decoder_step.onnx (+ fp16/int8) and its parity set.
+
+    fp32 must match PyTorch; each variant must meet the quality budget, or it is not written and
+    the command exits 1 naming it (--force writes it, marked failed)."""
     from captrt.export.exporter import export_model
 
     try:
-        export_model(checkpoint, out, opset=opset, max_beam=max_beam, fp16=fp16, int8=int8,
-                     calib_json=str(calib) if calib else None, calib_images=str(calib_images) if calib_images else None,
-                     word_map=str(word_map) if word_map else None, parity_count=parity_images, force=force,
-                     overwrite=overwrite)
+        manifest = export_model(checkpoint, out, opset=opset, max_beam=max_beam, fp16=fp16, int8=int8,
+                                calib_json=str(calib) if calib else None,
+                                calib_images=str(calib_images) if calib_images else None,
+                                word_map=str(word_map) if word_map else None, parity_count=parity_images, force=force,
+                                overwrite=overwrite, quality_budget=quality_budget,
+                                verify_engines=[("openvino", "bf16")] if bf16 else ())
     except KNOWN_ERRORS as exc:
         _fail(exc)
     typer.echo(str(out))
+    refused = manifest.get("refused", {})
+    for variant, report in refused.items():
+        typer.echo(f"captrt: {variant} refused: {report['reason']}", err=True)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -155,14 +168,31 @@ def caption(images: List[str] = typer.Argument(..., help="image files, directori
             json_lines: bool = typer.Option(False, "--json", help="one JSON object per image"),
             attention: Optional[Path] = typer.Option(None, "--attention", help="write one attention PNG per image here"),
             threads: Optional[int] = typer.Option(None, "--threads"),
-            providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, comma list")):
+            providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, comma list"),
+            allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                                  help="load a precision that has not met the quality budget here")):
     """Caption images with the torch-free runtime; one line per image (tab-separated path and caption)."""
     from captrt.runtime.cli_caption import caption_files
 
     code = caption_files(images, model, engine=engine, device=device, precision=precision, beam=beam, batch=batch,
                          json_lines=json_lines, attention_dir=attention, max_steps=max_steps, threads=threads,
-                         providers=providers, length_penalty=length_penalty)
+                         providers=providers, length_penalty=length_penalty, allow_unverified=allow_unverified)
     raise typer.Exit(code)
+
+
+@app.command()
+def verify(model: Path = typer.Argument(..., help="a `captrt export` model directory"),
+           engine: str = typer.Option("ort", "--engine", help="ort | openvino | trt | torch"),
+           device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
+           precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | bf16"),
+           quality_budget: float = typer.Option(0.99, "--quality-budget", help="fraction of fp32's BLEU-4 and CIDEr"),
+           threads: Optional[int] = typer.Option(None, "--threads"),
+           json_out: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Run the model's parity set through an engine and precision here; exit 0 within the quality budget, 1 not."""
+    from captrt.runtime.cli_verify import verify_command
+
+    raise typer.Exit(verify_command(model, engine=engine, device=device, precision=precision, budget=quality_budget,
+                                    threads=threads, json_out=json_out))
 
 
 class _RayOptionCommand(typer.core.TyperCommand):
@@ -268,7 +298,9 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           max_images: int = typer.Option(32, "--max-images", help="images per request"),
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap on max_steps (default: the model's)"),
           log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
-          access_log: bool = typer.Option(False, "--access-log", help="log one line per request")):
+          access_log: bool = typer.Option(False, "--access-log", help="log one line per request"),
+          allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                                help="serve a precision that has not met the quality budget here")):
     """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
@@ -281,7 +313,7 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          threads=threads, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level, access_log=access_log)
+                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified)
     try:
         code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,14 @@ from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_mani
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
 from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity,
-                                  parity_report, run_beam_searches, torch_threads)
+                                  parity_report, torch_threads)
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from captrt.runtime.parity_set import ParitySet, fingerprint
+from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
+                                   key_digest, measure, search_tokens, verification_key)
+from captrt.runtime.verify import record as verify_record
 from captrt.train.model import CaptionModel, normalize_uint8
 from captrt.train.reference import reference_beam_search
 from captrt.vocab import Vocab
@@ -32,6 +37,7 @@ DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "b
                 "h": {0: "batch", 1: "prev_beams"}, "c": {0: "batch", 1: "prev_beams"},
                 "features": {0: "batch"}, "att_proj": {0: "batch"}}
 PARITY_BEAM = 5
+PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of BLEU-4
 NUMERIC_IMAGES = 4
 INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
 INT8_DECODER = "dynamic int8 MatMuls (per-channel symmetric weights, per-call activation scales), log_softmax/TopK fp32"
@@ -41,17 +47,28 @@ FP16 = "fp16 weights and activations; softmax, log_softmax, TopK, reductions and
 def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17, max_beam: int = 10,
                  fp16: bool = False, int8: bool = False, calib_json: str | None = None,
                  calib_images: str | None = None, word_map: str | None = None,
-                 parity_images: list[str | Path] | None = None, parity_count: int = 50, force: bool = False,
-                 overwrite: bool = False, progress: bool = True, calib_count: int = 64) -> dict[str, Any]:
+                 parity_images: list[str | Path] | None = None, parity_count: int = PARITY_COUNT, force: bool = False,
+                 overwrite: bool = False, progress: bool = True, calib_count: int = 64,
+                 quality_budget: float = DEFAULT_BUDGET, verify_engines: Sequence[tuple[str, str]] = ()
+                 ) -> dict[str, Any]:
     """Export `checkpoint` to the model directory `out_dir` and return its manifest (captrt.json).
 
     fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
-    differences within tolerance) or nothing is written, unless force. fp16/int8 variants are
-    written with their parity reports. Raises ExportError (a ValueError naming the file) on bad
-    input; on any failure the output directory is left as it was.
+    differences within tolerance) or nothing is written, unless force. The directory carries its
+    parity set (images, references, fp32 captions: captrt.runtime.parity_set). Each fp16/int8
+    variant is judged on it against fp32 (captrt.runtime.verify, `quality_budget`): one that misses
+    the budget is not written (force writes it, recorded as failed) and is listed in the returned
+    manifest's "refused". verify_engines: (engine, precision) pairs decided by an engine at load
+    time, e.g. ("openvino", "bf16"), verified on this machine and recorded in captrt.json.
+    Raises ExportError (a ValueError naming the file) on bad input; on any failure the output
+    directory is left as it was.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _check_arguments(out_dir, opset, max_beam, parity_count, calib_count, overwrite, calib_json, calib_images)
+    try:
+        quality_budget = check_budget(quality_budget)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     log = Progress(progress)
     timer = Timer()
     with log.step(f"loading {checkpoint}"):
@@ -66,14 +83,22 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
                                             calib_images, calib_count, int8)
     log.say(f"parity: {len(parity_set)} images ({parity_set.source})"
             + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else ""))
+    if parity_set.captions is not None and len(parity_set) < MIN_PARITY_WITH_REFERENCES and (fp16 or int8):
+        log.say(f"warning: {len(parity_set)} parity images cannot resolve a 1% quality change; "
+                f"use >= {MIN_PARITY_WITH_REFERENCES} (--parity-images)")
 
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # mode follows the umask
             manifest = _export_into(tmp, model, vocab, source, log, timer, opset=opset, max_beam=max_beam,
-                                    fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force)
+                                    fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force,
+                                    budget=quality_budget)
+            if verify_engines:
+                manifest = _verify_engines(tmp, manifest, verify_engines, quality_budget, log)
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
     log.say(f"wrote {out_dir} in {timer():.0f}s")
+    for precision, report in manifest.get("refused", {}).items():
+        log.say(f"refused {precision}: {report['reason']}")
     return manifest
 
 
@@ -145,17 +170,20 @@ def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_r
         parity = image_sets.synthetic(parity_count, size)
     calib = None
     if int8:
+        # Calibration never sees a parity image: the parity set judges what calibration produced.
         if entries is not None:
             calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size,
-                                            avoid={Path(p) for p in parity.paths}, source="calibration dataset")
-        else:  # default: calibrate on (up to calib_count of) the parity images
-            calib = image_sets.ImageSet(parity.images[:calib_count], parity.names[:calib_count], None,
-                                        f"parity images: {parity.source}", parity.paths[:calib_count])
+                                            avoid={Path(p) for p in parity.paths}, source="calibration dataset",
+                                            strict=True)
+        else:  # synthetic scenes of another seed than the parity images'
+            calib = image_sets.synthetic(calib_count, size, seed=image_sets.CALIB_SEED)
+            calib.source = "synthetic scenes (captrt.synth), not the parity images"
     return parity, calib
 
 
 def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,
-                 opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool) -> dict:
+                 opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool,
+                 budget: float) -> dict:
     cfg = model.config
     with log.step("tracing encoder (torch.onnx, dynamo)"):
         enc = export_onnx(EncoderGraph(model), example_encoder_inputs(cfg.image_size), input_names=ENCODER_INPUTS,
@@ -178,32 +206,56 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
     parity: dict[str, dict] = {}
     files = GRAPH_FILES["fp32"]
     _write_pair(tmp, files, enc, dec)
-    parity["fp32"] = checker.run("fp32", enc, dec, strict=True)
+    parity["fp32"], fp32_tokens, _ = checker.run("fp32", enc, dec, strict=True)
     if not parity["fp32"]["passed"] and not force:
         raise ExportError(_parity_failure(parity["fp32"]))
     graphs["fp32"] = _entries(tmp, files, "fp32", enc, dec)
+    parity_data = ParitySet(parity_set.images, parity_set.names, parity_set.captions, fp32_tokens, checker.beam,
+                            MAX_STEPS)
 
+    variants: dict[str, tuple] = {}  # precision -> (encoder, decoder, encoder note, decoder note)
     if fp16:
         with log.step("converting to fp16"):
             try:
                 enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",))
             except ValueError as exc:  # e.g. weights beyond fp16's range
                 raise ExportError(f"fp16 variant: {exc}") from None
-        check_contract(enc16, dec16, cfg, max_beam)
-        _write_pair(tmp, GRAPH_FILES["fp16"], enc16, dec16)
-        graphs["fp16"] = _entries(tmp, GRAPH_FILES["fp16"], "fp16", enc16, dec16, FP16, FP16)
-        parity["fp16"] = checker.run("fp16", enc16, dec16, strict=False)
+        variants["fp16"] = (enc16, dec16, FP16, FP16)
     if int8:
         with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
                 log.bar(len(calib_set), "calibration") as tick:
             enc8 = quantize_encoder(enc, list(calib_set.images), on_image=tick)
         with log.step("int8: quantizing the decoder step"):
             dec8 = quantize_decoder(dec)
-        check_contract(enc8, dec8, cfg, max_beam)
-        _write_pair(tmp, GRAPH_FILES["int8"], enc8, dec8)
-        graphs["int8"] = _entries(tmp, GRAPH_FILES["int8"], "int8", enc8, dec8, INT8_ENCODER, INT8_DECODER)
-        parity["int8"] = checker.run("int8", enc8, dec8, strict=False)
-        parity["int8"]["calibration"] = {"images": len(calib_set), "source": calib_set.source}
+        variants["int8"] = (enc8, dec8, INT8_ENCODER, INT8_DECODER)
+
+    judged: dict[str, tuple[QualityReport, dict]] = {}  # precision -> (quality, engine numerics)
+    refused: dict[str, dict] = {}
+    for precision, (e, d, note_e, note_d) in variants.items():
+        check_contract(e, d, cfg, max_beam)
+        report, tokens, numerics = checker.run(precision, e, d, strict=False)
+        if report["measured"]:
+            quality = judge_tokens(tokens, fp32_tokens, parity_set.captions, vocab.decode, budget=budget,
+                                   names=parity_set.names, seconds=report["seconds"])
+            report["quality"], report["passed"] = quality.to_dict(), quality.passed
+            log.say(f"{precision} quality: {quality.describe()}")
+            judged[precision] = (quality, numerics)
+        if precision == "int8":
+            report["calibration"] = {"images": len(calib_set), "source": calib_set.source}
+        parity[precision] = report
+        if report["passed"] is False and not force:
+            refused[precision] = {"reason": quality.describe(), "quality": quality.summary()}
+            continue  # not written: a variant below budget would serve worse captions than it claims
+        _write_pair(tmp, GRAPH_FILES[precision], e, d)
+        graphs[precision] = _entries(tmp, GRAPH_FILES[precision], precision, e, d, note_e, note_d)
+
+    parity_entry = parity_data.save(tmp)
+    model_print = fingerprint(graphs, parity_entry)
+    records = []
+    for precision, (quality, numerics) in judged.items():
+        if precision in graphs:  # the key holds for the files as written, so only written variants get one
+            key = {**numerics, "model": model_print}
+            records.append(verify_record(quality, key, key_digest(key), "export"))
 
     write_json(tmp / "vocab.json", vocab.to_json())
     exporter = {"tool": "captrt.export", "torch_exporter": "torch.onnx.export(dynamo=True)",
@@ -211,6 +263,43 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
                 "parity_images": parity_set.source, "seconds": round(timer(), 1)}
     manifest = build_manifest(cfg, vocab, opset=opset, max_beam=max_beam, graphs=graphs, parity=parity,
                               source=source, exporter=exporter)
+    manifest["parity_set"] = parity_entry
+    manifest["quality_budget"] = budget
+    manifest["verification"] = records
+    if refused:
+        manifest["refused"] = refused
+    write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _verify_engines(tmp: Path, manifest: dict, pairs: Sequence[tuple[str, str]], budget: float,
+                    log: Progress) -> dict:
+    """Verify engine-decided precisions (e.g. OpenVINO bf16) on this machine and record them in captrt.json.
+    A pair that cannot run here is reported and skipped; one that misses the budget is listed in "refused"."""
+    from captrt.runtime.engines import create_engine
+    from captrt.runtime.errors import EngineUnavailableError
+    from captrt.runtime.model_dir import ModelDir
+
+    model = ModelDir.load(tmp)
+    parity = ParitySet.load(model)
+    for engine_name, precision in pairs:
+        try:
+            engine = create_engine(engine_name, model, precision=precision)
+        except (EngineUnavailableError, ValueError) as exc:
+            log.say(f"{engine_name} {precision}: not verified on this machine: {exc}")
+            manifest.setdefault("not_verified", {})[f"{engine_name}-{precision}"] = str(exc)
+            continue
+        try:
+            with log.step(f"verifying {engine_name} {precision} on {len(parity)} parity images"):
+                quality = measure(engine, parity, model.vocab, budget=budget)
+            key, digest = verification_key(model, engine)
+        finally:
+            engine.close()
+        log.say(f"{engine_name} {precision} quality: {quality.describe()}")
+        manifest["verification"].append(verify_record(quality, key, digest, "export"))
+        if not quality.passed:
+            manifest.setdefault("refused", {})[f"{engine_name}-{precision}"] = {
+                "reason": quality.describe(), "quality": quality.summary()}
     write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -275,7 +364,12 @@ class _ParityChecker:
         self.model, self.vocab, self.set, self.reference, self.beam, self.log = \
             model, vocab, parity_set, reference, beam, log
 
-    def run(self, precision: str, enc: onnx.ModelProto, dec: onnx.ModelProto, strict: bool) -> dict:
+    def run(self, precision: str, enc: onnx.ModelProto, dec: onnx.ModelProto,
+            strict: bool) -> tuple[dict, list[list[int]] | None, dict | None]:
+        """-> (parity report, the variant's captions on the parity images, its engine's numerics key);
+        (report, None, None) when ONNX Runtime's CPU provider cannot run the graphs (not strict)."""
+        from captrt.runtime.engines.ort import SessionEngine
+
         timer = Timer()
         try:
             # One thread for the step: its ops are small, and the parity decode is a long chain of them.
@@ -286,19 +380,26 @@ class _ParityChecker:
             reason = f"not measured: needs a GPU (ONNX Runtime's CPU provider cannot run the {precision} graphs: " \
                      f"{str(exc).splitlines()[0][:200]})"
             self.log.say(f"{precision} parity {reason}")
-            return not_measured(reason)
+            return not_measured(reason), None, None
+        engine = SessionEngine(enc_s, dec_s, _candidates(dec_s), precision=precision)
         with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
             numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
             with self.log.bar(len(self.set), f"{precision} beam search") as tick:
-                results = run_beam_searches(enc_s, dec_s, self.set.images, self.vocab.start, self.vocab.end,
-                                            len(self.vocab), self.beam, MAX_STEPS, tick)
-            tokens = [r.tokens for r in results]
+                # The same search, batch and code as `captrt verify` and a first load (captrt.runtime.verify).
+                tokens = search_tokens(engine, self.set.images, start=self.vocab.start, end=self.vocab.end,
+                                       vocab_size=len(self.vocab), beam_size=self.beam, max_steps=MAX_STEPS,
+                                       on_batch=tick)
             captions = caption_parity(self.reference, tokens, self.vocab.decode, self.set.captions, self.set.names)
         report = parity_report(numeric, captions, beam_size=self.beam, max_steps=MAX_STEPS, strict=strict,
                                seconds=timer())
-        self.log.say(f"{precision} parity: {report['identical']}/{report['images']} identical captions, "
-                     f"BLEU-4 change {report['bleu4_change']:+.4f}, passed={report['passed']}")
-        return report
+        self.log.say(f"{precision} parity: {report['identical']}/{report['images']} captions identical to PyTorch, "
+                     f"BLEU-4 change {report['bleu4_change']:+.4f}")
+        return report, tokens, engine.numerics()
+
+
+def _candidates(decoder) -> int:
+    """C, the decoder's candidates per beam (its cand_logp's last dimension)."""
+    return int(next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1])
 
 
 def _ort_version() -> str:

@@ -17,6 +17,7 @@ from captrt.train.data import DatasetError, ImageEntry, load_karpathy
 
 PARITY_SPLITS = ("test", "val")  # parity prefers held-out images ...
 CALIB_SPLITS = ("train", "restval")  # ... calibration prefers training images
+PARITY_SEED, CALIB_SEED = 20240, 20241  # synthetic scenes: calibration and parity images never coincide
 
 
 @dataclass
@@ -71,15 +72,20 @@ def _pick(entries: list[ImageEntry], splits: tuple[str, ...], count: int,
 
 
 def from_dataset(entries: list[ImageEntry], splits: tuple[str, ...], count: int, size: int,
-                 avoid: set[Path] = frozenset(), source: str = "dataset") -> ImageSet:
-    chosen = _pick(entries, splits, count, avoid) or _pick(entries, splits, count)
+                 avoid: set[Path] = frozenset(), source: str = "dataset", strict: bool = False) -> ImageSet:
+    """Up to `count` images of the preferred splits first; strict: never one of `avoid` (else they are
+    reused when nothing else is left)."""
+    chosen = _pick(entries, splits, count, avoid) or ([] if strict else _pick(entries, splits, count))
+    if not chosen:
+        raise ExportError(f"{source}: no images left once the {len(avoid)} parity images are set aside; "
+                          "use a larger dataset or fewer --parity-images")
     arrays = [load_file(e.path, size) for e in chosen]
     captions = [e.captions for e in chosen]
     return ImageSet(np.stack(arrays), [str(e.path) for e in chosen],
                     captions if all(captions) else None, source, [str(e.path) for e in chosen])
 
 
-def synthetic(count: int, size: int, seed: int = 20240) -> ImageSet:
+def synthetic(count: int, size: int, seed: int = PARITY_SEED) -> ImageSet:
     """Scenes rendered by captrt.synth (the exporter's default parity images)."""
     from captrt.synth import render_scenes
 

@@ -28,11 +28,11 @@ class Progress:
 
     @contextmanager
     def bar(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
-        """Yield a tick() callable advancing a tqdm bar of `total` items (no-op when disabled)."""
+        """Yield a tick(n=1) callable advancing a tqdm bar of `total` items (no-op when disabled)."""
         if not self.enabled:
-            yield lambda: None
+            yield lambda n=1: None
             return
         from tqdm import tqdm
 
         with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-            yield lambda: bar.update(1)
+            yield lambda n=1: bar.update(n)

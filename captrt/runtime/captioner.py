@@ -23,6 +23,7 @@ from captrt.runtime.engines import create_engine
 from captrt.runtime.engines.base import Engine
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.preprocess import InvalidImageError, describe_source, load_image
+from captrt.runtime.verify import Verification, check_budget, ensure_verified
 
 try:  # PIL is a runtime dependency; the check is only for recognising single images
     from PIL import Image as _PILImage
@@ -93,9 +94,11 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None, hint: s
 class Captioner:
     """Captions images with one engine over one model directory. Use Captioner.load()."""
 
-    def __init__(self, model: ModelDir, engine: Engine, *, image_options: dict[str, Any] | None = None):
+    def __init__(self, model: ModelDir, engine: Engine, *, image_options: dict[str, Any] | None = None,
+                 verification: Verification | None = None):
         self.model = model
         self.engine = engine
+        self.verification = verification or Verification("exact" if not engine.needs_verification else "unverified")
         self.vocab = model.vocab
         self.image_options = dict(image_options or {})
 
@@ -103,6 +106,7 @@ class Captioner:
     def load(cls, model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None, precision: str = "fp32",
              threads: int | None = None, providers: str | None = None, *, image_formats: Sequence[str] | None = None,
              max_image_bytes: int | None = None, max_image_pixels: int | None = None,
+             allow_unverified: bool = False, quality_budget: float | None = None,
              **engine_options: Any) -> "Captioner":
         """Open MODEL_DIR (captrt.json + graphs) with an engine.
 
@@ -111,9 +115,15 @@ class Captioner:
         precision: 'fp32' | 'fp16' | 'int8' (a variant the directory holds).
         threads: intra-op threads (default: all cores). providers: ONNX Runtime only, 'tensorrt' for
         its TensorRT execution provider (device='cuda'). image_*: limits passed to load_image.
-        Other keyword options go to the engine (e.g. checkpoint= for 'torch', device_id=).
-        Raises ModelDirError (bad directory), ValueError (bad argument), EngineUnavailableError.
+        Every precision but exact fp32 must have met the quality budget (captrt.runtime.verify) for
+        this engine on this machine: the export's record, a cached one, or a check of the model's
+        parity set run now (then cached). allow_unverified=True loads a precision whose check is
+        missing or failed, with a warning; quality_budget overrides the 0.99 fraction of fp32's
+        BLEU-4/CIDEr. Other keyword options go to the engine (e.g. checkpoint= for 'torch', device_id=).
+        Raises ModelDirError (bad directory), ValueError (bad argument), EngineUnavailableError,
+        UnverifiedPrecisionError (a ValueError: quality not verified).
         """
+
         if device is None:
             device = "cuda" if engine == "trt" else "cpu"
         model = ModelDir.load(Path(model_dir))
@@ -121,10 +131,17 @@ class Captioner:
             if engine != "ort":
                 raise ValueError(f"providers={providers!r} applies to engine='ort' only, not {engine!r}")
             engine_options["providers"] = providers
+        if quality_budget is not None:
+            check_budget(quality_budget)
         backend = create_engine(engine, model, device=device, precision=precision, threads=threads, **engine_options)
+        try:
+            verification = ensure_verified(model, backend, allow_unverified=allow_unverified, budget=quality_budget)
+        except BaseException:
+            backend.close()
+            raise
         image_options = {k: v for k, v in (("formats", image_formats), ("max_bytes", max_image_bytes),
                                            ("max_pixels", max_image_pixels)) if v is not None}
-        return cls(model, backend, image_options=image_options)
+        return cls(model, backend, image_options=image_options, verification=verification)
 
     @property
     def provider(self) -> str:
@@ -142,7 +159,8 @@ class Captioner:
                 "vocab_size": m.vocab_size, "grid": m.grid, "image_size": m.image_size,
                 "max_beam": self.max_beam, "max_steps": m.max_steps, "precisions": list(m.precisions),
                 "precision": self.engine.precision, "engine": self.engine.name, "device": self.engine.device,
-                "provider": self.provider}
+                "provider": self.provider, "numerics": self.engine.describe(),
+                "verification": self.verification.to_dict()}
 
     def read_image(self, source: Any, name: str | None = None) -> np.ndarray:
         """Decode one image as caption() would -> uint8 (S, S, 3), with this Captioner's format and size

@@ -85,7 +85,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
                   precision: str = "fp32", beam: int = 5, batch: int = 16, json_lines: bool = False,
                   attention_dir: str | os.PathLike | None = None, max_steps: int = 50, out: TextIO | None = None,
                   *, threads: int | None = None, providers: str | None = None, length_penalty: float = 0.0,
-                  progress: bool | None = None, err: TextIO | None = None) -> int:
+                  progress: bool | None = None, err: TextIO | None = None, allow_unverified: bool = False) -> int:
     """Caption image files; returns the exit code: 0 all captioned, 1 some images failed, 2 bad usage
     (no images, bad model directory, unavailable engine, bad option).
 
@@ -113,7 +113,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         captioner = Captioner.load(model_dir, engine=engine, device=device, precision=precision,
-                                   threads=threads, providers=providers)
+                                   threads=threads, providers=providers, allow_unverified=allow_unverified)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
         complain(str(exc))
         return EXIT_USAGE

@@ -9,3 +9,8 @@ class ModelDirError(ValueError):
 
 class EngineUnavailableError(RuntimeError):
     """The requested engine/device/precision cannot run here; the message says what is missing or what to install."""
+
+
+class UnverifiedPrecisionError(ValueError):
+    """A precision whose captions were not verified within the quality budget on this machine (or failed it);
+    the message gives the numbers and the way out (allow_unverified=True / --allow-unverified)."""

@@ -88,6 +88,10 @@ class ModelDir:
         return d
 
     def require_precision(self, precision: str) -> None:
+        refused = (self.manifest.get("refused") or {}).get(precision)
+        if precision not in self.graphs and isinstance(refused, dict):
+            raise ModelDirError(f"{self.manifest_path}: the {precision} variant was refused at export because it "
+                                f"missed the quality budget: {refused.get('reason')} (captrt export --force writes it)")
         if precision not in self.graphs:
             raise ModelDirError(
                 f"{self.manifest_path}: precision {precision!r} was not exported; this directory has "

@@ -165,13 +165,15 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         state.info = {**cap.info(), "max_steps_cap": state.max_steps_cap, "max_batch": config.max_batch,
                       "image_formats": list(config.image_formats), "max_images_per_request": config.max_images,
                       "max_body_bytes": config.max_body_bytes}
-        metrics.model.info({k: str(state.info[k]) for k in ("id", "engine", "provider", "precision")})
+        metrics.model.info({**{k: str(state.info[k]) for k in ("id", "engine", "provider", "precision")},
+                            "verification": str(state.info["verification"]["status"])})
 
     def load() -> None:
         cap = captioner or Captioner.load(
             config.model, engine=config.engine, device=config.device, precision=config.precision,
             threads=config.threads, providers=config.providers, image_formats=config.image_formats,
-            max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_body_bytes)
+            max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_body_bytes,
+            allow_unverified=config.allow_unverified)
         install(cap)
 
     @asynccontextmanager

@@ -25,6 +25,7 @@ class ServeConfig:
     precision: str = "fp32"
     threads: int | None = None          # engine intra-op threads (None: all usable cores)
     providers: str | None = None        # ONNX Runtime providers ('tensorrt' for its TensorRT EP)
+    allow_unverified: bool = False      # serve a precision that has not met the quality budget here
     host: str = "127.0.0.1"             # loopback unless asked: a captioning model is not a public API by default
     port: int = 8000
     max_batch: int = 16                 # images per engine call

@@ -24,7 +24,7 @@ from tests.export.helpers import make_varied_length_checkpoint
 
 MAX_BEAM = 10
 FILES = {"captrt.json", "vocab.json", "encoder.onnx", "decoder_step.onnx", "encoder.fp16.onnx",
-         "decoder_step.fp16.onnx", "encoder.int8.onnx", "decoder_step.int8.onnx"}
+         "decoder_step.fp16.onnx", "encoder.int8.onnx", "decoder_step.int8.onnx", "parity_images.npy", "parity.json"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,9 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_export")
     ckpt_path = make_varied_length_checkpoint(d / "tiny.pt")
     out = d / "model"
-    manifest = export_model(ckpt_path, out, fp16=True, int8=True, calib_count=8, progress=False)
+    # force: this file checks the format of every variant; the quality budget has its own tests.
+    manifest = export_model(ckpt_path, out, fp16=True, int8=True, calib_count=8, parity_count=50, force=True,
+                            progress=False)
     ckpt = load_checkpoint(ckpt_path)
     return SimpleNamespace(dir=out, parent=d, manifest=manifest, ckpt_path=ckpt_path, ckpt=ckpt,
                            model=ckpt.build_model(), vocab=ckpt.vocab)
@@ -62,6 +64,11 @@ def test_directory_and_manifest_follow_the_format(exported):
             data = (d / entry["file"]).read_bytes()
             assert entry["sha256"] == hashlib.sha256(data).hexdigest()
             assert entry["precision"] == precision
+    ps = m["parity_set"]
+    for spec in ps["files"].values():
+        assert spec["sha256"] == hashlib.sha256((d / spec["file"]).read_bytes()).hexdigest()
+    assert (ps["images"], ps["references"], ps["beam_size"], ps["max_steps"]) == (50, False, 5, 50)
+    assert m["quality_budget"] == 0.99
     src = m["source"]
     assert src["checkpoint_sha256"] == hashlib.sha256(exported.ckpt_path.read_bytes()).hexdigest()
     assert src["kind"] == "captrt"

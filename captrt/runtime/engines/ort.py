@@ -101,6 +101,9 @@ class SessionEngine(Engine):
     def provider(self) -> str:
         return self.decoder.get_providers()[0]
 
+    def numerics(self) -> dict[str, Any]:
+        return {**super().numerics(), "libraries": {"onnxruntime": ort.__version__}}
+
     def encode(self, images: np.ndarray) -> DecodeState:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         features, att_proj, h0, c0 = self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
@@ -219,6 +222,12 @@ class OrtEngine(SessionEngine):
     @property
     def provider(self) -> str:
         return self._provider
+
+    @property
+    def needs_verification(self) -> bool:
+        # On GPUs the numerics are not the CPU's even in fp32: the CUDA provider may use TF32 and the
+        # TensorRT provider picks its own kernels, so they are verified where they run.
+        return self.precision != "fp32" or self.kind != "cpu"
 
     # -- the host path is SessionEngine's; IO binding keeps the state on the device -----------------
     def encode(self, images: np.ndarray) -> DecodeState:

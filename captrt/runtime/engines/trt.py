@@ -165,6 +165,11 @@ class TrtEngine(Engine):
     def provider(self) -> str:
         return "tensorrt"
 
+    @property
+    def needs_verification(self) -> bool:
+        # TensorRT chooses kernels (and TF32 for fp32 on Ampere and later) when it builds: every build is checked.
+        return True
+
     # -------------------------------------------------------- building / loading
 
     def _open_cache(self, cache_dir: Any) -> tb.SignedCache | None:
