@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,11 @@ from captrt.batch.progress import Progress
 from captrt.batch.rows import chunked
 from captrt.batch.shards import FORMATS, MANIFEST, Assembler, Chunk, OutputDir, OutputDirError
 from captrt.batch.sources import SourceError, count_paths, iter_paths
+
+
+class RayModeError(ValueError):
+    """Ray mode cannot run as asked (Ray not installed, a pool larger than the cluster, no cluster at
+    the address): a usage error, exit code 2."""
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SHARD_ROWS = 1000
@@ -147,6 +153,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
             captioner.close()
             raise BatchUsageError(f"beam must be at most the model's max_beam {captioner.max_beam}, got {beam}")
     try:
+        created = not out.exists()
         try:
             output = OutputDir.open(out, settings, resume)
         except OutputDirError as exc:
@@ -174,8 +181,10 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                 mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
                                stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
                                batch_size=batch_size, beam=beam, max_steps=max_steps, decode=decode,
-                               on_rows=bar.update, ray_init=ray_init)
-        except (SourceError, OutputDirError) as exc:
+                               on_rows=bar.update, ray_init=ray_init, on_started=bar.restart)
+        except (SourceError, OutputDirError, RayModeError) as exc:
+            if created and not output.shards:  # refused before any work: leave no OUT_DIR behind
+                shutil.rmtree(out, ignore_errors=True)
             raise BatchUsageError(str(exc)) from None
         finally:
             bar.close()

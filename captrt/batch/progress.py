@@ -49,6 +49,10 @@ class Progress:
         self._last = self.start
         self._drawn = False
 
+    def restart(self) -> None:
+        """Start the clock (rate, ETA) now: e.g. once a cluster and its workers are up."""
+        self.start = self._last = time.monotonic()
+
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start

@@ -27,11 +27,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
+from captrt.batch.api import RayModeError
 from captrt.batch.shards import Assembler, Chunk, arrow_schema
-
-
-class RayModeError(ValueError):
-    """Ray mode cannot run as asked (no ray installed, too few CPUs for the pool, ...)."""
 
 
 class CaptionActor:
@@ -168,10 +165,11 @@ def connect(address: str, ray_init: dict[str, Any] | None) -> tuple[Any, bool]:
 def run_ray(chunks: Iterable[Chunk], assembler: Assembler, *, model: str, load_options: dict[str, Any],
             stamp: dict[str, str], address: str, actors: int | None, threads_per_actor: int | None,
             batch_size: int, beam: int, max_steps: int, decode: str, on_rows: Callable[[int], None],
-            ray_init: dict[str, Any] | None = None) -> str:
+            ray_init: dict[str, Any] | None = None, on_started: Callable[[], None] | None = None) -> str:
     """Caption every input of `chunks` on Ray; returns a description of the pool ('ray: 2 actors x 1 thread').
 
     model: an absolute path every node can read (same path on every node, or a shared filesystem).
+    on_started(): called once Ray is up and the inputs are in its object store.
     """
     import pyarrow as pa
 
@@ -206,6 +204,8 @@ def run_ray(chunks: Iterable[Chunk], assembler: Assembler, *, model: str, load_o
                                                    "beam": beam, "max_steps": max_steps, "stamp": stamp},
                             compute=ActorPoolStrategy(size=n), num_cpus=cpus_each,
                             num_gpus=1 if device == "cuda" else None)
+        if on_started is not None:
+            on_started()
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             added = sum(assembler.add(row) for row in table.to_pylist())
             if added:
