@@ -127,6 +127,8 @@ def export(checkpoint: Path = typer.Argument(...),
            calib_images: Optional[Path] = typer.Option(None, "--images"),
            word_map: Optional[Path] = typer.Option(None, "--word-map"),
            bf16: bool = typer.Option(False, "--bf16", help="verify OpenVINO bf16 on this CPU and record it"),
+           int8_search: bool = typer.Option(True, "--int8-search/--no-int8-search",
+                                            help="when full int8 misses the budget, return layers to fp32 until it holds"),
            parity_images: int = typer.Option(100, "--parity-images", help="images in the model's parity set"),
            quality_budget: float = typer.Option(0.99, "--quality-budget",
                                                 help="fraction of fp32's BLEU-4 and CIDEr a variant must keep"),
@@ -144,7 +146,7 @@ def export(checkpoint: Path = typer.Argument(...),
                                 calib_images=str(calib_images) if calib_images else None,
                                 word_map=str(word_map) if word_map else None, parity_count=parity_images, force=force,
                                 overwrite=overwrite, quality_budget=quality_budget,
-                                verify_engines=[("openvino", "bf16")] if bf16 else ())
+                                verify_engines=[("openvino", "bf16")] if bf16 else (), int8_search=int8_search)
     except KNOWN_ERRORS as exc:
         _fail(exc)
     typer.echo(str(out))

@@ -49,8 +49,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
                  calib_images: str | None = None, word_map: str | None = None,
                  parity_images: list[str | Path] | None = None, parity_count: int = PARITY_COUNT, force: bool = False,
                  overwrite: bool = False, progress: bool = True, calib_count: int = 64,
-                 quality_budget: float = DEFAULT_BUDGET, verify_engines: Sequence[tuple[str, str]] = ()
-                 ) -> dict[str, Any]:
+                 quality_budget: float = DEFAULT_BUDGET, verify_engines: Sequence[tuple[str, str]] = (),
+                 int8_search: bool = True) -> dict[str, Any]:
     """Export `checkpoint` to the model directory `out_dir` and return its manifest (captrt.json).
 
     fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
@@ -60,6 +60,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
     the budget is not written (force writes it, recorded as failed) and is listed in the returned
     manifest's "refused". verify_engines: (engine, precision) pairs decided by an engine at load
     time, e.g. ("openvino", "bf16"), verified on this machine and recorded in captrt.json.
+    int8_search: when full int8 misses the budget, search for the fastest mix that meets it
+    (captrt.export.int8_search); False quantizes everything once and lets the budget decide.
     Raises ExportError (a ValueError naming the file) on bad input; on any failure the output
     directory is left as it was.
     """
