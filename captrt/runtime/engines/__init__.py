@@ -1,17 +1,17 @@
-"""Engine registry: engines are imported lazily, so `import captrt.runtime` never pulls tensorrt or torch."""
+"""Engine registry: engines are imported lazily, so `import captrt.runtime` never pulls tensorrt, openvino or torch."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
+from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
 from captrt.runtime.errors import EngineUnavailableError
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
 
-__all__ = ["DEVICES", "ENGINES", "PRECISIONS", "DecodeState", "Engine", "StepOutput", "create_engine"]
+__all__ = ["DEVICES", "ENGINE_PRECISIONS", "ENGINES", "PRECISIONS", "DecodeState", "Engine", "StepOutput", "create_engine"]
 
 # engine name -> (module, class name). The torch engine lives in captrt.train: captrt.runtime itself
 # never imports torch, so services can embed it with numpy, onnxruntime and pillow alone.
@@ -19,12 +19,14 @@ _REGISTRY = {
     "ort": ("captrt.runtime.engines.ort", "OrtEngine"),
     "trt": ("captrt.runtime.engines.trt", "TrtEngine"),
     "torch": ("captrt.train.torch_engine", "TorchEngine"),
+    "openvino": ("captrt.runtime.engines.openvino", "OpenVinoEngine"),
 }
 
 _INSTALL_HINT = {
     "trt": "the TensorRT engine needs an NVIDIA GPU with CUDA, the `tensorrt` Python package "
            "(pip install tensorrt) and the CUDA Python bindings (pip install cuda-python)",
     "torch": "the torch engine needs PyTorch: pip install 'captrt[train]'",
+    "openvino": "the OpenVINO engine needs OpenVINO: pip install 'captrt[openvino]'",
 }
 
 
@@ -38,6 +40,10 @@ def create_engine(name: str, model: "ModelDir", *, device: str = "cpu", precisio
         raise ValueError(f"device: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    engines = ENGINE_PRECISIONS.get(precision)
+    if engines is not None and name not in engines:
+        raise ValueError(f"precision {precision!r} is an engine precision of engine {' / '.join(map(repr, engines))} "
+                         f"(it runs the fp32 graphs in {precision}), not of engine {name!r}: use --engine {engines[0]}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
     module_name, cls_name = _REGISTRY[name]

@@ -34,9 +34,12 @@ import numpy as np
 if TYPE_CHECKING:  # only for annotations: keeps this module import-light
     from captrt.runtime.model_dir import ModelDir
 
-ENGINES = ("ort", "trt", "torch")
+ENGINES = ("ort", "trt", "torch", "openvino")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
+# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT). Every other precision names a graph variant.
+ENGINE_PRECISIONS = {"bf16": ("openvino",)}
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Engine(ABC):
     the backend or device cannot run here, and ModelDirError for a bad model directory.
     """
 
-    name: ClassVar[str] = "base"  # "ort", "trt", "torch"
+    name: ClassVar[str] = "base"  # "ort", "trt", "torch", "openvino"
     # The most images one encode() may take (e.g. a TensorRT profile's limit), None = no limit; the
     # Captioner splits larger batches. A plain attribute: engines set it in __init__.
     max_batch: int | None = None
