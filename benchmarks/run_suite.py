@@ -10,7 +10,8 @@
 
 Timing is only meaningful on a quiet machine: the load average is recorded at start and end.
 RESULTS.md is rewritten whole, except the service section that benchmarks/serve.py writes between
-`<!-- serve:begin -->` and `<!-- serve:end -->`: it is carried over verbatim, at the end.
+`<!-- serve:begin -->` and `<!-- serve:end -->` and the corpus section of benchmarks/batch.py
+(`<!-- batch:begin -->` ... `<!-- batch:end -->`): they are carried over verbatim, at the end.
 """
 
 from __future__ import annotations
@@ -163,15 +164,15 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
 
 
 def with_serve_section(text: str, path: Path) -> str:
-    """text plus the `benchmarks/serve.py` section of the RESULTS.md at path (if any), re-appended
-    verbatim at the end: the suite rewrites the file but does not own that section."""
-    from captrt.bench.sections import append_preserved
+    """text plus the `benchmarks/serve.py` and `benchmarks/batch.py` sections of the RESULTS.md at path
+    (if any), re-appended verbatim at the end: the suite rewrites the file but does not own them."""
+    from captrt.bench.sections import BATCH_BEGIN, BATCH_END, append_preserved
 
     try:
         old = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         old = None
-    return append_preserved(text, old)
+    return append_preserved(append_preserved(text, old), old, BATCH_BEGIN, BATCH_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,8 @@ class BatchUsageError(ValueError):
 class BatchResult:
     """What one run did. captioned/failed: rows written by this run; skipped: inputs found complete
     in OUT_DIR (resume); images: inputs in total; seconds: wall time of this run after start-up;
-    failed_total: failed rows in the whole OUT_DIR (earlier runs included)."""
+    failed_total: failed rows in the whole OUT_DIR (earlier runs included); startup_seconds: Ray mode,
+    from the call to Ray being up with the inputs in its object store (not in `seconds`)."""
 
     out_dir: Path
     images: int
@@ -51,6 +52,7 @@ class BatchResult:
     seconds: float
     mode: str
     failed_total: int = 0
+    startup_seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
@@ -63,8 +65,9 @@ class BatchResult:
 
     def summary(self) -> str:
         skipped = f", {self.skipped} already done" if self.skipped else ""
+        startup = f", after {self.startup_seconds:.1f} s of Ray start-up" if self.startup_seconds else ""
         return (f"captrt batch: {self.captioned} captioned, {self.failed} failed{skipped} in {self.seconds:.1f} s "
-                f"({self.rate:.1f} images/s, {self.mode}) -> {self.out_dir}")
+                f"({self.rate:.1f} images/s, {self.mode}{startup}) -> {self.out_dir}")
 
 
 def _positive(name: str, value: Any) -> int:
@@ -166,6 +169,14 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         chunks = _todo(sources, split, output, skipped)
         stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": precision}
         start = time.monotonic()
+        startup = [0.0]
+
+        def started() -> None:  # Ray is up: its start-up is reported apart from the captioning time
+            nonlocal start
+            now = time.monotonic()
+            startup[0], start = now - start, now
+            bar.restart()
+
         try:
             if ray is None:
                 from captrt.batch.local import run_local
@@ -181,7 +192,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                 mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
                                stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
                                batch_size=batch_size, beam=beam, max_steps=max_steps, decode=decode,
-                               on_rows=bar.update, ray_init=ray_init, on_started=bar.restart)
+                               on_rows=bar.update, ray_init=ray_init, on_started=started)
         except (SourceError, OutputDirError, RayModeError) as exc:
             if created and not output.shards:  # refused before any work: leave no OUT_DIR behind
                 shutil.rmtree(out, ignore_errors=True)
@@ -193,7 +204,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
             raise RuntimeError(f"{out}: {assembler.pending} chunks left incomplete (a bug); rerun with --resume")
         summary = output.finish(seconds, assembler.captioned, assembler.failed)
         return BatchResult(out, total, assembler.captioned, assembler.failed, skipped[0], seconds, mode,
-                           failed_total=summary["failed"])
+                           failed_total=summary["failed"], startup_seconds=startup[0])
     finally:
         if captioner is not None:
             captioner.close()

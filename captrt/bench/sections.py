@@ -1,13 +1,16 @@
 """Marker-delimited sections of benchmarks/RESULTS.md that another script owns.
 
-`benchmarks/serve.py` writes its results between ``<!-- serve:begin -->`` and ``<!-- serve:end -->``;
-`benchmarks/run_suite.py` rewrites the rest of the file and carries such a section over verbatim.
+`benchmarks/serve.py` writes its results between ``<!-- serve:begin -->`` and ``<!-- serve:end -->``,
+`benchmarks/batch.py` between ``<!-- batch:begin -->`` and ``<!-- batch:end -->``;
+`benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
 from __future__ import annotations
 
 SERVE_BEGIN = "<!-- serve:begin -->"
 SERVE_END = "<!-- serve:end -->"
+BATCH_BEGIN = "<!-- batch:begin -->"  # benchmarks/batch.py's section (corpus captioning)
+BATCH_END = "<!-- batch:end -->"
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
