@@ -22,7 +22,8 @@ from captrt.bench.machine import OtherCpu, library_versions, load_average, machi
 from captrt.bench.measure import PeakRss, current_rss_mb, summarize
 from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import make_runner
-from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
+from captrt.bench.quality import row_quality
+from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ModelDir
 
@@ -72,19 +73,27 @@ def check_names(engines: Sequence[str], precisions: Sequence[str]) -> None:
             raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
 
 
-def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str]) -> list[tuple[str, str]]:
-    """(engine, precision) pairs to run, validated against the model directory."""
+def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str]
+                 ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(engine, precision) pairs to run, validated against the model directory, and the pairs that do not
+    exist ({"engine", "precision", "reason"}: an engine precision of another engine, e.g. ort bf16)."""
     check_names(engines, precisions)
     pairs: list[tuple[str, str]] = []
+    skipped: list[dict[str, str]] = []
     for e in engines:
         if e in CHECKPOINT_ENGINES:
             pairs.append((e, "fp32"))
             continue
         for p in precisions:
-            if e == "ort":
-                model.require_precision(p)  # names the directory and what it has
+            owners = ENGINE_PRECISIONS.get(p)
+            if owners is not None and e not in owners:
+                skipped.append({"engine": e, "precision": p, "reason": f"{p} is an engine precision of "
+                                f"{' / '.join(owners)} only (it runs the fp32 graphs in {p})"})
+                continue
+            if e in ("ort", "openvino"):
+                model.require_precision("fp32" if owners else p)  # names the directory and what it has
             pairs.append((e, p))
-    return pairs
+    return pairs, skipped
 
 
 def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precisions: str | Sequence[str] = "fp32",
@@ -92,15 +101,20 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
               steps: int | None = None, warmup: int = 2, iters: int = 10, json_out: str | Path | None = None,
               checkpoint: str | Path | None = None, threads: int | None = None,
               images: str | Path | np.ndarray | None = None, max_seconds: float | None = None,
-              bandwidth_mb: int = DEFAULT_MB, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+              bandwidth_mb: int = DEFAULT_MB, progress: bool = True, print_table: bool = True,
+              check_quality: bool = True) -> dict[str, Any]:
     """Benchmark the model directory `model`; returns the report (also written to `json_out` if given).
 
-    engines: ort, trt, torch (the runtime's engines) and reference (the seed's per-image search on the
-    source checkpoint). torch and reference always run fp32. batches/beams: comma lists or sequences.
+    engines: ort, trt, torch, openvino (the runtime's engines) and reference (the seed's per-image search on
+    the source checkpoint). torch and reference always run fp32; bf16 is openvino's only (other engines'
+    bf16 pairs are listed in "skipped"), and a pair this machine cannot run (bf16 without avx512_bf16 or
+    amx_bf16, a missing library) is skipped with the reason. batches/beams: comma lists or sequences.
     steps: force exactly this many decoding steps (None: real decoding up to the model's max_steps).
     threads: intra-op threads for every engine (default: all usable cores). images: a directory of
     images or a Karpathy-split JSON (test split), or a uint8 (M, S, S, 3) array; default synthetic scenes.
     max_seconds: per configuration, stop timing after this long once MIN_ITERS_IN_BUDGET runs are in.
+    check_quality: each row's "quality" (captrt.bench.quality): exact fp32, or the precision's verification
+    on the model's parity set (the cached one, else measured now and cached, as a first load would).
     Bad arguments raise ValueError (ModelDirError for the directory) naming the flag or file.
     """
     engine_list = parse_list(engines, "engine")
@@ -124,7 +138,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     if too_wide:
         raise ValueError(f"beam: {max(too_wide)} exceeds max_beam {mdir.max_beam} of {mdir.manifest_path} "
                          f"(re-export with --max-beam {max(too_wide)} for wider beams)")
-    pairs = plan_configs(mdir, engine_list, precision_list)
+    pairs, not_pairs = plan_configs(mdir, engine_list, precision_list)
     threads = threads or usable_cores()
     log = _logger(progress)
 
@@ -141,11 +155,13 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
         "settings": {"engines": engine_list, "precisions": precision_list, "device": device, "batches": batch_list,
                      "beams": beam_list, "steps": steps, "warmup": warmup, "iters": iters, "threads": threads,
                      "images": pool.source, "max_seconds": max_seconds},
-        "floor": floor, "results": [], "skipped": [],
+        "floor": floor, "results": [], "skipped": list(not_pairs),
     }
+    for s in not_pairs:
+        log(f"skipping {s['engine']} {s['precision']}: {s['reason']}")
     # All engines are loaded at once and take turns run by run (see _measure): this machine's speed
     # drifts by 2x over minutes, and ratios between engines are only fair when taken side by side.
-    runners: list[tuple[Any, float | None]] = []
+    runners: list[tuple[Any, float | None, dict[str, Any] | None]] = []
     try:
         for engine, precision in pairs:
             before = current_rss_mb()
@@ -159,19 +175,27 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
             after = current_rss_mb()
             # None when not measurable: the allocator may reuse memory an earlier engine freed (growth <= 0)
             grown = None if before is None or after is None or after <= before else round(after - before, 1)
-            runners.append((runner, grown))
+            quality = None
+            if check_quality:
+                quality = row_quality(mdir, runner)
+                if quality.get("source") == "bench":
+                    log(f"{engine} {precision}: verified on the parity set now: {quality}")
+            runners.append((runner, grown, quality))
         for batch in batch_list:
             for beam in beam_list:
-                recs = _measure([r for r, _ in runners], pool.images, batch, beam, steps, warmup, iters,
+                recs = _measure([r for r, _, _ in runners], pool.images, batch, beam, steps, warmup, iters,
                                 max_seconds, device)
-                for rec, (_, load_mb) in zip(recs, runners):
+                for rec, (runner, load_mb, quality) in zip(recs, runners):
                     rec["rss_load_mb"] = load_mb
+                    rec["quality"] = quality
+                    engine_obj = getattr(runner, "engine", None)  # what ran: effective precision, CPU, placement
+                    rec["engine_info"] = engine_obj.describe() if engine_obj is not None else None
                     _attach_floor(rec, floor, device)
                     report["results"].append(rec)
                     log(f"{rec['engine']} {rec['precision']} batch {batch} beam {beam}: e2e p50 "
                         f"{rec['e2e_ms']['per_batch']['p50']:.1f} ms, {rec['images_per_s']:.2f} img/s")
     finally:
-        for runner, _ in runners:
+        for runner, _, _ in runners:
             runner.close()
         runners.clear()
         gc.collect()

@@ -11,7 +11,7 @@ from typing import Any
 
 from captrt.runtime.hardware import cpu_flags, cpu_model  # noqa: F401  (re-exported: bench rows name the CPU)
 
-LIBRARIES = ("captrt", "numpy", "onnxruntime-gpu", "onnxruntime", "onnx", "torch", "torchvision", "tensorrt")
+LIBRARIES = ("captrt", "numpy", "onnxruntime-gpu", "onnxruntime", "openvino", "onnx", "torch", "torchvision", "tensorrt")
 
 
 def usable_cores() -> int:

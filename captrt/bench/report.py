@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from captrt.atomic import atomic_write_text
+from captrt.bench.quality import quality_cell
 
 HEADERS = ("engine", "prec", "provider", "N", "K", "steps", "encoder ms p50/p90/p99", "step ms p50/p90/p99",
-           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "engine MB", "peak RSS MB", "step/floor")
+           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "engine MB", "peak RSS MB", "step/floor",
+           "quality vs fp32")
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -39,7 +41,7 @@ def row_cells(r: dict[str, Any]) -> list[str]:
             _pcts(r["encoder_ms"]), _pcts(r["step_ms"]), _pcts(r["e2e_ms"]["per_batch"]),
             _num(r["e2e_ms"]["per_image"]["p50"]), _num(r["images_per_s"]),
             _num(r.get("rss_load_mb"), 0), _num(r["peak_rss_mb"], 0),
-            "-" if ratio is None else f"{ratio:.2f}x"]
+            "-" if ratio is None else f"{ratio:.2f}x", quality_cell(r.get("quality"))]
 
 
 def floor_lines(report: dict[str, Any]) -> list[str]:
@@ -67,7 +69,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The terminal table: aligned columns, then the floor lines and any skipped configurations."""
     rows = [list(HEADERS)] + [row_cells(r) for r in report["results"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
-    right = set(range(3, len(HEADERS)))
+    right = set(range(3, len(HEADERS) - 1))
     out = []
     for n, row in enumerate(rows):
         cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))

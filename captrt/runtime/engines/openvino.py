@@ -50,13 +50,17 @@ BACKENDS = ("openvino", "ort")
 # Sapphire Rapids+). AVX-512 alone is not enough: the plugin then silently stays in f32.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # Which backend runs each graph by default, per precision: decided by measurement (benchmarks/RESULTS.md,
-# "OpenVINO"). fp32/int8 measured here (AVX2 EPYC, 2 threads); bf16 from ../shared/notes/runtime-facts.md
-# (AVX512-BF16 EPYC): OpenVINO bf16 beat ORT fp32 on both graphs there (encoder 25.5 vs 50.6 ms, step
-# N=1 K=5 1.02 vs 1.19 ms), and ORT has no bf16, so bf16 runs both graphs in OpenVINO.
+# "OpenVINO"). fp32 and int8, measured here (AVX2 EPYC, 2 threads, demo-sized model, batch 1, beam 5,
+# engines interleaved): the small, memory-bound step is ~2x faster in ORT (fp32 0.50 vs 0.97 ms p50,
+# int8 0.42 vs 1.20 ms: OpenVINO's per-call overhead on dynamic shapes), the encoder ties in fp32 and
+# is ~10% faster in OpenVINO in int8, and encoder-OpenVINO + step-ORT was the fastest end to end (fp32
+# 107 vs 114 ms ORT-only vs 128 ms OpenVINO-only). bf16, from ../shared/notes/runtime-facts.md (AVX512-BF16
+# EPYC, not this machine): OpenVINO bf16 beat ORT fp32 on both graphs (encoder 25.5 vs 50.6 ms, step
+# N=1 K=5 1.02 vs 1.19 ms), so bf16 runs both in OpenVINO.
 DEFAULT_PLACEMENT: dict[str, dict[str, str]] = {
-    "fp32": {"encoder": "openvino", "decoder_step": "openvino"},
+    "fp32": {"encoder": "openvino", "decoder_step": "ort"},
     "bf16": {"encoder": "openvino", "decoder_step": "openvino"},
-    "int8": {"encoder": "openvino", "decoder_step": "openvino"},
+    "int8": {"encoder": "openvino", "decoder_step": "ort"},
 }
 _VARIANT = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # precision -> the model directory's graphs
 # int8 asks for f32 too: the non-quantized ops then compute as in ONNX Runtime on every CPU (the plugin's
@@ -168,9 +172,6 @@ class OpenVinoEngine(SessionEngine):
                                      f"'ort', got {value!r}")
                 placement[graph] = value
                 explicit.add(graph)
-        if precision == "bf16" and "ort" in placement.values():
-            raise ValueError("precision 'bf16' runs every graph in OpenVINO: ONNX Runtime has no bf16 on the CPU "
-                             "(a graph on 'ort' would silently compute in fp32)")
         if precision == "bf16":
             check_bf16_cpu()
         self.variant = _VARIANT[precision]
@@ -186,7 +187,8 @@ class OpenVinoEngine(SessionEngine):
                          precision=precision, threads=threads)
         self._check_io(graphs)
         self.effective = {g: graphs[g].inference_precision for g in graphs}
-        if precision == "bf16" and any(p != "bf16" for p in self.effective.values()):
+        # A graph placed on 'ort' (asked for explicitly) computes in fp32 and is reported as such.
+        if precision == "bf16" and any(self.effective[g] != "bf16" for g in graphs if self.placement[g] == "openvino"):
             # The flags said yes but the plugin still chose f32 (e.g. a VM hiding the instructions): never run
             # fp32 under the name bf16.
             raise EngineUnavailableError(
@@ -205,8 +207,11 @@ class OpenVinoEngine(SessionEngine):
         # One stream, latency hint: one image batch at a time, its parallelism inside each op. Dynamic batch
         # and beam dimensions, compiled once: one compile per (N, K_prev, K) shape class was at most ~5%
         # faster per call here (within this machine's noise) and a shrinking batch would compile dozens.
+        # No thread pinning: pinned workers wait for their own core when other processes (or this process's
+        # ONNX Runtime pool) hold it. Measured here, 2 cores shared with other work, the step at N=1 K=5:
+        # pinned 4.5-7.9 ms, unpinned 0.8-1.05 ms (ORT 0.6 ms in the same minutes).
         cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads, "NUM_STREAMS": 1,
-                               "PERFORMANCE_HINT": "LATENCY"}
+                               "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         cfg["INFERENCE_PRECISION_HINT"] = _HINT[precision]
         if precision == "fp32":
             cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0  # never quantize activations on the fly in fp32
