@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from captrt.batch.progress import Progress
 from captrt.batch.rows import chunked
-from captrt.batch.shards import FORMATS, MANIFEST, Assembler, Chunk, OutputDir, OutputDirError
+from captrt.batch.shards import FORMATS, Assembler, Chunk, OutputDir, OutputDirError
 from captrt.batch.sources import SourceError, count_paths, iter_paths
+from captrt.progress import Progress
 
 
 class RayModeError(ValueError):

@@ -192,7 +192,7 @@ def run_ray(chunks: Iterable[Chunk], assembler: Assembler, *, model: str, load_o
                               "path": pa.array(chunk.paths, pa.string())})
             refs.append(ray.put(block))
         if not refs:
-            return f"ray: nothing to do"
+            return "ray: nothing to do"
         ds = ray.data.from_arrow_refs(refs)
         if decode == "tasks":
             ds = ds.map_batches(decode_batch, fn_kwargs={"model": model}, batch_size=batch_size,

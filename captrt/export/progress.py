@@ -1,4 +1,4 @@
-"""Progress display for the long export steps: stderr lines plus tqdm bars, or nothing."""
+"""Progress display for the long export steps: stderr lines plus progress bars (captrt.progress), or nothing."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ class Progress:
 
     @contextmanager
     def bar(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
-        """Yield a tick(n=1) callable advancing a tqdm bar of `total` items (no-op when disabled)."""
+        """Yield a tick(n=1) callable advancing a progress display of `total` items: a bar on a terminal,
+        periodic plain lines in logs (captrt.progress); a no-op when disabled."""
         if not self.enabled:
             yield lambda n=1: None
             return
-        from tqdm import tqdm
+        from captrt.progress import Progress as Display
 
-        with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-            yield lambda n=1: bar.update(n)
+        display = Display(total, label=f"{self.prefix}: {desc}", unit="images", stream=sys.stderr)
+        try:
+            yield display.update
+        finally:
+            display.close()

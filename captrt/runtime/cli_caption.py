@@ -3,7 +3,7 @@
     caption_files(["photos/", "*.jpg", "x.png"], "model_dir", json_lines=True)
 
 Directories and glob patterns expand to image files (common extensions, sorted); images go to the
-Captioner in batches; a progress line goes to stderr when it is a terminal; unreadable images are
+Captioner in batches; progress goes to stderr (a bar on a terminal, periodic lines otherwise); unreadable images are
 reported (stderr, or the JSON line's "error") without stopping the others.
 """
 
@@ -13,10 +13,10 @@ import glob
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from captrt.progress import Progress
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -46,28 +46,6 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, problems
 
 
-class _Progress:
-    """A one-line progress meter on stderr (tqdm is not a runtime dependency)."""
-
-    def __init__(self, total: int, stream: TextIO, enabled: bool):
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.2 or self.done == self.total):
-            rate = self.done / max(now - self.start, 1e-9)
-            self.stream.write(f"\rcaptrt: {self.done}/{self.total} images ({rate:.1f} img/s)")
-            self.stream.flush()
-            self.last = now
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _attention_name(path: str, used: set[str]) -> str:
     stem = Path(path).stem or "image"
     name, i = f"{stem}.png", 1
@@ -92,7 +70,8 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     Prints `path<TAB>caption` per image to `out` (errors to `err`), or with json_lines one
     {"image", "caption", "tokens", "score", "finished", "error"} object per image (errors included).
     attention_dir: write one seed-style attention PNG per captioned image there (needs matplotlib).
-    device None: 'cuda' for engine='trt', else 'cpu'. progress None: shown when `err` is a terminal.
+    device None: 'cuda' for engine='trt', else 'cpu'. progress None: a bar when `err` is a terminal, else a
+    plain line every 30 s; True forces the bar, False shows nothing.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -120,7 +99,8 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     failed = len(problems)
     plot_dir = Path(attention_dir) if attention_dir is not None else None
     used_names: set[str] = set()
-    bar = _Progress(len(files), err, err.isatty() if progress is None else progress)
+    # A bar on a terminal, a plain line every 30 s in logs (captrt.progress); progress=False: nothing.
+    bar = Progress(len(files), label="captrt caption", stream=err, tty=progress, enabled=progress is not False)
     try:
         for s in range(0, len(files), batch):
             chunk = files[s:s + batch]

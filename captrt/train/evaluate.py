@@ -37,9 +37,9 @@ def evaluate(checkpoint: str | os.PathLike, data_json: str | os.PathLike, image_
     refs, hyps, preds = {}, {}, []
     items = entries
     if progress:
-        from tqdm import tqdm
+        from captrt.progress import track
 
-        items = tqdm(entries, desc=f"eval {split}", unit="img", leave=False)
+        items = track(entries, label=f"eval {split}", unit="images")
     for i, entry in enumerate(items):
         try:
             pixels = load_image(entry.path)

@@ -284,9 +284,9 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _bar(items, total: int, desc: str, enabled: bool):
     if not enabled:
         return items
-    from tqdm import tqdm
+    from captrt.progress import track
 
-    return tqdm(items, total=total, desc=desc, leave=False, mininterval=1.0)
+    return track(items, total, label=desc, unit="batches")
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:

@@ -110,8 +110,6 @@ def load_prepared(prepared_dir: str | os.PathLike, split: str) -> tuple[Prepared
 def _progress(items, desc: str, enabled: bool):
     if not enabled:
         return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="img", leave=False)
+    from captrt.progress import track
+
+    return track(items, label=desc, unit="images")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from captrt.batch import EXIT_SOME_FAILED, BatchUsageError, run_batch
 from captrt.batch.local import decode_ahead
-from captrt.batch.progress import Progress
+from captrt.progress import Progress
 from captrt.batch.shards import MANIFEST, SUCCESS
 from captrt.cli import app
 from captrt.runtime import Captioner

@@ -7,14 +7,17 @@
 On a terminal: one line redrawn with a carriage return (at most 5 times a second) with a bar, count,
 images/s and ETA. Otherwise (a log file, a pipe, CI): one plain line every `interval_s` seconds
 (default 30) and none in between, so logs never fill with carriage-return bars. The project rule
-"bar on a terminal, periodic lines otherwise" lives here for any command that wants it.
+"bar on a terminal, periodic lines otherwise" lives here, for every progress display of captrt
+(batch, caption, export, prepare, train, eval): torch-free and dependency-free.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Iterable, Iterator, TextIO, TypeVar
+
+T = TypeVar("T")
 
 BAR_WIDTH = 24
 TTY_REFRESH_S = 0.2
@@ -104,3 +107,20 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+def track(items: Iterable[T], total: int | None = None, *, label: str = "captrt", unit: str = "items",
+          enabled: bool = True, stream: TextIO | None = None) -> Iterator[T]:
+    """Iterate `items`, showing progress as Progress does (a bar on a terminal, periodic lines in logs)."""
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    progress = Progress(total, label=label, unit=unit, enabled=enabled, stream=stream)
+    try:
+        for item in items:
+            yield item
+            progress.update(1)
+    finally:
+        progress.close()
