@@ -11,6 +11,8 @@ SERVE_BEGIN = "<!-- serve:begin -->"
 SERVE_END = "<!-- serve:end -->"
 BATCH_BEGIN = "<!-- batch:begin -->"  # benchmarks/batch.py's section (corpus captioning)
 BATCH_END = "<!-- batch:end -->"
+OPENVINO_BEGIN = "<!-- openvino:begin -->"  # the OpenVINO engine's section (measured by hand: its CPU features vary)
+OPENVINO_END = "<!-- openvino:end -->"
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
