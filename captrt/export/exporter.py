@@ -38,6 +38,7 @@ DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "b
                 "features": {0: "batch"}, "att_proj": {0: "batch"}}
 PARITY_BEAM = 5
 PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of BLEU-4
+TUNE_COUNT = 40  # images the int8 search judges candidates on (neither parity nor calibration images)
 NUMERIC_IMAGES = 4
 INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
 INT8_DECODER = "dynamic int8 MatMuls (per-channel symmetric weights, per-call activation scales), log_softmax/TopK fp32"
@@ -81,10 +82,11 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
 
     # Read every input image before the long steps, so a bad file fails in seconds, not minutes.
     with log.step("reading parity/calibration images"):
-        parity_set, calib_set = _image_sets(cfg.image_size, parity_images, parity_count, calib_json,
-                                            calib_images, calib_count, int8)
+        parity_set, calib_set, tune_set = _image_sets(cfg.image_size, parity_images, parity_count, calib_json,
+                                                      calib_images, calib_count, int8, tune=int8 and int8_search)
     log.say(f"parity: {len(parity_set)} images ({parity_set.source})"
-            + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else ""))
+            + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else "")
+            + (f"; int8 tuning: {len(tune_set)} images ({tune_set.source})" if tune_set is not None else ""))
     if parity_set.captions is not None and len(parity_set) < MIN_PARITY_WITH_REFERENCES and (fp16 or int8):
         log.say(f"warning: {len(parity_set)} parity images cannot resolve a 1% quality change; "
                 f"use >= {MIN_PARITY_WITH_REFERENCES} (--parity-images)")
@@ -93,7 +95,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # mode follows the umask
             manifest = _export_into(tmp, model, vocab, source, log, timer, opset=opset, max_beam=max_beam,
                                     fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force,
-                                    budget=quality_budget)
+                                    budget=quality_budget, tune_set=tune_set)
             if verify_engines:
                 manifest = _verify_engines(tmp, manifest, verify_engines, quality_budget, log)
     except FileExistsError as exc:
@@ -162,7 +164,11 @@ def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vo
 
 
 def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
-                int8: bool) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None]:
+                int8: bool, tune: bool = False) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None,
+                                                              image_sets.ImageSet | None]:
+    """(parity, calibration, tuning): disjoint sets. Calibration never sees a parity image (the parity
+    set judges what calibration produced), and the int8 search tunes on a third set, so the parity
+    verdict is not the one the search optimized."""
     entries = image_sets.read_karpathy(calib_json, calib_root) if calib_json is not None else None
     if parity_images:
         parity = image_sets.from_files(parity_images, size)
@@ -170,22 +176,28 @@ def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_r
         parity = image_sets.from_dataset(entries, image_sets.PARITY_SPLITS, parity_count, size)
     else:
         parity = image_sets.synthetic(parity_count, size)
-    calib = None
+    calib = tuning = None
     if int8:
-        # Calibration never sees a parity image: the parity set judges what calibration produced.
+        avoid = {Path(p) for p in parity.paths}
         if entries is not None:
-            calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size,
-                                            avoid={Path(p) for p in parity.paths}, source="calibration dataset",
-                                            strict=True)
-        else:  # synthetic scenes of another seed than the parity images'
+            calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size, avoid=avoid,
+                                            source="calibration dataset", strict=True)
+            if tune:
+                tuning = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, TUNE_COUNT, size,
+                                                 avoid=avoid | {Path(p) for p in calib.paths},
+                                                 source="int8 tuning images (dataset)", strict=True)
+        else:  # synthetic scenes of other seeds than the parity images'
             calib = image_sets.synthetic(calib_count, size, seed=image_sets.CALIB_SEED)
             calib.source = "synthetic scenes (captrt.synth), not the parity images"
-    return parity, calib
+            if tune:
+                tuning = image_sets.synthetic(TUNE_COUNT, size, seed=image_sets.TUNE_SEED)
+                tuning.source = "synthetic scenes (captrt.synth), neither parity nor calibration images"
+    return parity, calib, tuning
 
 
 def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,
                  opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool,
-                 budget: float) -> dict:
+                 budget: float, tune_set=None) -> dict:
     cfg = model.config
     with log.step("tracing encoder (torch.onnx, dynamo)"):
         enc = export_onnx(EncoderGraph(model), example_encoder_inputs(cfg.image_size), input_names=ENCODER_INPUTS,
@@ -223,7 +235,12 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
             except ValueError as exc:  # e.g. weights beyond fp16's range
                 raise ExportError(f"fp16 variant: {exc}") from None
         variants["fp16"] = (enc16, dec16, FP16, FP16)
-    if int8:
+    search_report = None
+    if int8 and tune_set is not None:
+        with log.step(f"int8: accuracy-aware search on {len(calib_set)} calibration, {len(tune_set)} tuning images"):
+            enc8, dec8, search_report = _search_int8(enc, dec, calib_set, tune_set, vocab, checker.beam, budget, log)
+        variants["int8"] = (enc8, dec8, f"{INT8_ENCODER}; {_mix(search_report)}", INT8_DECODER)
+    elif int8:
         with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
                 log.bar(len(calib_set), "calibration") as tick:
             enc8 = quantize_encoder(enc, list(calib_set.images), on_image=tick)
@@ -244,10 +261,18 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
             judged[precision] = (quality, numerics)
         if precision == "int8":
             report["calibration"] = {"images": len(calib_set), "source": calib_set.source}
+            if search_report is not None:
+                report["search"] = search_report
         parity[precision] = report
         if report["passed"] is False and not force:
             refused[precision] = {"reason": quality.describe(), "quality": quality.summary()}
             continue  # not written: a variant below budget would serve worse captions than it claims
+        if precision == "int8" and search_report is not None and not search_report["useful"] and not force:
+            # Within budget only with so much in fp32 that it is not faster: say so instead of shipping a slow "int8".
+            refused[precision] = {"reason": f"no int8 mix within budget is useful: {_mix(search_report)}; "
+                                            f"layers at fault: {', '.join(search_report['at_fault']) or 'none named'}",
+                                  "quality": quality.summary(), "search": search_report}
+            continue
         _write_pair(tmp, GRAPH_FILES[precision], e, d)
         graphs[precision] = _entries(tmp, GRAPH_FILES[precision], precision, e, d, note_e, note_d)
 
@@ -272,6 +297,34 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
         manifest["refused"] = refused
     write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _search_int8(enc: onnx.ModelProto, dec: onnx.ModelProto, calib_set, tune_set, vocab: Vocab, beam: int,
+                 budget: float, log: Progress) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    """captrt.export.int8_search over the tuning images, judged exactly as the parity set will be."""
+    from captrt.export.int8_search import search_int8
+    from captrt.runtime.engines.ort import SessionEngine
+
+    def captions(e: onnx.ModelProto, d: onnx.ModelProto) -> list[list[int]]:
+        dec_s = make_session(d.SerializeToString(), threads=1)
+        engine = SessionEngine(make_session(e.SerializeToString()), dec_s, _candidates(dec_s))
+        return search_tokens(engine, tune_set.images, start=vocab.start, end=vocab.end, vocab_size=len(vocab),
+                             beam_size=beam, max_steps=MAX_STEPS)
+
+    fp32_tokens = captions(enc, dec)
+
+    def judge(e8: onnx.ModelProto, d8: onnx.ModelProto) -> QualityReport:
+        return judge_tokens(captions(e8, d8), fp32_tokens, tune_set.captions, vocab.decode, budget=budget)
+
+    result = search_int8(enc, dec, calib_set.images, judge, log=log.say)
+    return result.encoder, result.decoder, result.to_report()
+
+
+def _mix(search: dict) -> str:
+    layers = search.get("fp32_layers") or []
+    speed = f"{search['speedup']:.2f}x fp32" if search.get("speedup") else "speed not measured"
+    return (f"{search['calibration']} calibration, {len(layers)} layer(s) kept fp32"
+            + (f" ({', '.join(layers[:5])}{' ...' if len(layers) > 5 else ''})" if layers else "") + f", {speed}")
 
 
 def _verify_engines(tmp: Path, manifest: dict, pairs: Sequence[tuple[str, str]], budget: float,

@@ -17,7 +17,7 @@ from captrt.train.data import DatasetError, ImageEntry, load_karpathy
 
 PARITY_SPLITS = ("test", "val")  # parity prefers held-out images ...
 CALIB_SPLITS = ("train", "restval")  # ... calibration prefers training images
-PARITY_SEED, CALIB_SEED = 20240, 20241  # synthetic scenes: calibration and parity images never coincide
+PARITY_SEED, CALIB_SEED, TUNE_SEED = 20240, 20241, 20242  # synthetic scenes: the three sets never coincide
 
 
 @dataclass

@@ -13,9 +13,10 @@ qdq_loss_debug):
    A mix that passes but is less than `min_speedup` faster is not useful: the result says so
    (`useful` False) and names the layers at fault, rather than shipping a slow "int8".
 
-The decoder step is quantize.quantize_decoder's per-row int8 throughout (its quality held on every
-model measured; the search concerns the encoder). Judge calls (a beam search over the tuning images)
-dominate the cost: at most len(CALIBRATIONS) + 2 * log2(layers) + 1 of them.
+The decoder step is quantize.quantize_decoder's per-row int8 when, with the fp32 encoder, it meets
+the budget alone (one judge call first); otherwise the step stays fp32 and the search concerns the
+encoder only (the encoder is most of the time, and of the gain, at batch 1). Judge calls (a beam
+search over the tuning images) dominate the cost: at most len(CALIBRATIONS) + 2 * log2(layers) + 2.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Int8Result:
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, harm) most harmful first
     timings_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": ..., "int8": ...}
     reduce_range: bool = True
+    decoder_int8: bool = True  # False: the step's int8 form alone missed the budget, so it stays fp32
 
     @property
     def useful(self) -> bool:
@@ -80,6 +82,7 @@ class Int8Result:
         final = next((t["quality"] for t in reversed(self.trials)
                       if t["calibration"] == self.calibration and t["fp32_nodes"] == len(self.fp32_nodes)), None)
         return {"calibration": self.calibration, "weights": "7-bit" if self.reduce_range else "8-bit",
+                "decoder": "int8 (per-row)" if self.decoder_int8 else "fp32 (its int8 form alone missed the budget)",
                 "fp32_nodes": list(self.fp32_nodes), "fp32_layers": list(self.fp32_layers),
                 "passed": self.passed, "quality": final, "speedup": self.speedup, "min_speedup": self.min_speedup,
                 "useful": self.useful, "timings_ms": dict(self.timings_ms), "at_fault": list(self.at_fault),
@@ -95,6 +98,7 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
     disjoint from the judge's tuning images. judge(enc8, dec8) -> Judgement."""
     dec8 = quantize_decoder(decoder)
     trials: list[dict] = []
+    decoder_int8 = True
 
     def trial(enc8: onnx.ModelProto, calibration: str, fp32_nodes: Sequence[str]) -> Judgement:
         t0 = time.perf_counter()
@@ -106,6 +110,10 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
             f"{'passed' if verdict.passed else 'failed'}")
         return verdict
 
+    if not trial(encoder, "fp32 encoder, int8 step", []).passed:
+        # The step alone already costs more than the budget: keep it fp32 and search the encoder only.
+        dec8, decoder_int8 = decoder, False
+        log("int8: the int8 decoder step alone misses the budget; it stays fp32")
     with EncoderQuantizer(encoder, calib_images, reduce_range=reduce_range) as quantizer:
         best: tuple[float, str, onnx.ModelProto] | None = None
         chosen: tuple[str, list[str], onnx.ModelProto, bool] | None = None
@@ -136,7 +144,7 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
     result = Int8Result(enc8, dec8, calibration, list(fp32_nodes), trials, passed,
                         None if speedup is None else round(speedup, 3), [], min_speedup,
                         [layer_label(encoder, n) for n in fp32_nodes], ranking,
-                        {k: round(v, 2) for k, v in timings.items()}, reduce_range)
+                        {k: round(v, 2) for k, v in timings.items()}, reduce_range, decoder_int8)
     if not result.useful and (not passed or speedup is not None):
         # Give up honestly: name the layers that cost quality (the ranking) or, when the ranking never
         # ran, the ones kept in fp32.

@@ -38,6 +38,8 @@ step is dominated by the fp32 attention over the features (N*K*P*A and N*K*P*E),
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -280,12 +282,16 @@ def quantize_decoder_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class _quiet:
-    """Silence onnxruntime.quantization's INFO/WARNING chatter (it logs to the root logger)."""
+    """Silence onnxruntime.quantization's INFO/WARNING chatter: it logs to the root logger, and its
+    histogram calibrators print to stdout, which is the export command's output."""
 
     def __enter__(self):
         self._level = logging.root.manager.disable
         logging.disable(logging.WARNING)
+        self._stdout = contextlib.redirect_stdout(io.StringIO())
+        self._stdout.__enter__()
 
     def __exit__(self, *exc):
+        self._stdout.__exit__(*exc)
         logging.disable(self._level)
         return False

@@ -14,8 +14,9 @@ def test_dataset_calibration_and_bleu_against_its_captions(tmp_path, capsys):
     data = tmp_path / "synth"
     dataset = make_synth_dataset(data, 30, seed=3)  # writes images/ and a Karpathy JSON with splits
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    # force, no search: this test is about which images calibrate and judge; the budget has its own tests.
     manifest = export_model(ckpt, tmp_path / "model", int8=True, calib_json=str(dataset), calib_images=str(data),
-                            parity_count=5, calib_count=6, progress=True)
+                            parity_count=5, calib_count=6, progress=True, force=True, int8_search=False)
     fp32, int8 = manifest["parity"]["fp32"], manifest["parity"]["int8"]
     assert fp32["passed"] and fp32["images"] == 5
     # BLEU is measured against the dataset's captions when the dataset provides them.

@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     ckpt_path = make_varied_length_checkpoint(d / "tiny.pt")
     out = d / "model"
     # force: this file checks the format of every variant; the quality budget has its own tests.
-    manifest = export_model(ckpt_path, out, fp16=True, int8=True, calib_count=8, parity_count=50, force=True,
+    manifest = export_model(ckpt_path, out, fp16=True, int8=True, calib_count=8, parity_count=50, force=True, int8_search=False,
                             progress=False)
     ckpt = load_checkpoint(ckpt_path)
     return SimpleNamespace(dir=out, parent=d, manifest=manifest, ckpt_path=ckpt_path, ckpt=ckpt,

@@ -45,7 +45,7 @@ def images():
     return synthetic(40, 256, seed=3).images  # 16 calibration + 24 tuning images
 
 
-def _search(path, images):
+def _search(path, images, judge_filter=None):
     enc, dec = trace_graphs(path)
     vocab = load_checkpoint(path).vocab
     judge = token_judge(enc, dec, images[16:], start=vocab.start, end=vocab.end, vocab_size=len(vocab),
@@ -54,7 +54,8 @@ def _search(path, images):
 
     def counting_judge(enc8, dec8):
         calls.append(1)
-        return judge(enc8, dec8)
+        verdict = judge(enc8, dec8)
+        return verdict if judge_filter is None else judge_filter(enc8, dec8, verdict)
 
     result = search_int8(enc, dec, images[:16], counting_judge)
     return enc, result, len(calls)
@@ -62,14 +63,16 @@ def _search(path, images):
 
 def test_search_returns_the_broken_layer_to_fp32(tmp_path, images):
     enc, result, calls = _search(_sensitive_checkpoint(tmp_path / "sensitive.pt"), images)
-    full = [t for t in result.trials if t["fp32_nodes"] == 0]
+    step_only = result.trials[0]  # first: is the int8 step alone within budget (fp32 encoder)?
+    assert step_only["calibration"] == "fp32 encoder, int8 step" and step_only["passed"] and result.decoder_int8
+    full = [t for t in result.trials[1:] if t["fp32_nodes"] == 0]
     assert [t["calibration"] for t in full] == ["minmax", "percentile-99.999", "entropy"]
     assert all(not t["passed"] and t["score"] <= BUDGET - 0.15 for t in full)  # every calibration alone fails
     assert result.ranking[0][0] == result.fp32_nodes[0]  # the most harmful layer went back first ...
     assert result.fp32_layers[0] == f"{result.fp32_nodes[0]} ({SENSITIVE_WEIGHT})"  # ... and it is the planted one
     assert result.ranking[0][1] > 10 * result.ranking[1][1]
     # Measured: full int8 58%/33%/58% identical (MinMax/Percentile/Entropy); that one Conv in fp32: 83%.
-    assert result.passed and len(result.fp32_nodes) == 1 and calls == len(result.trials) == 4
+    assert result.passed and len(result.fp32_nodes) == 1 and calls == len(result.trials) == 5
     chosen = result.trials[-1] if result.trials[-1]["passed"] else next(t for t in result.trials if t["passed"])
     assert chosen["score"] >= BUDGET
     report = result.to_report()
@@ -84,10 +87,28 @@ def test_search_keeps_full_int8_when_it_meets_the_budget(tmp_path, images):
     path = make_tiny_checkpoint(tmp_path / "plain.pt", sharpen=10.0, dim=64)
     enc, result, calls = _search(path, images)
     assert result.passed and result.fp32_nodes == [] and result.calibration == "minmax"
-    assert calls == 1 and len(result.trials) == 1 and result.ranking == []
+    assert calls == 2 and len(result.trials) == 2 and result.ranking == [] and result.decoder_int8
     ops = [n.op_type for n in result.encoder.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("Conv") == sum(n.op_type == "Conv" for n in enc.graph.node)
     assert "MatMulInteger" in [n.op_type for n in result.decoder.graph.node]
     # Measured against fp32 on this machine; int8 must not be slower than fp32 by much even on a shared CPU.
     assert result.speedup is not None and result.speedup > 0.8
     assert np.isfinite(result.to_report()["speedup"])
+
+
+def test_search_keeps_the_step_fp32_when_its_int8_form_alone_misses_the_budget(tmp_path, images):
+    """A judge that rejects every int8 step (as a model whose step is the sensitive part would): the
+    step stays fp32 and the encoder is still searched, and found within budget in full int8."""
+    from types import SimpleNamespace
+
+    def reject_int8_steps(enc8, dec8, verdict):
+        if any(n.op_type == "MatMulInteger" for n in dec8.graph.node):
+            return SimpleNamespace(passed=False, score=0.0, summary=lambda: {"passed": False, "why": "int8 step"})
+        return verdict
+
+    path = make_tiny_checkpoint(tmp_path / "plain.pt", sharpen=10.0, dim=64)
+    enc, result, calls = _search(path, images, judge_filter=reject_int8_steps)
+    assert not result.decoder_int8 and result.passed and result.fp32_nodes == []
+    assert "MatMulInteger" not in [n.op_type for n in result.decoder.graph.node]
+    assert [t["calibration"] for t in result.trials] == ["fp32 encoder, int8 step", "minmax"] and calls == 2
+    assert result.to_report()["decoder"].startswith("fp32")
