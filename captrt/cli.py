@@ -270,14 +270,16 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           threads: Optional[int] = typer.Option(None, "--threads"),
           images: Optional[Path] = typer.Option(None, "--images", help="image directory or Karpathy JSON"),
           checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="for torch/reference"),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON")):
+          json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+          allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                                help="bench precisions that missed the quality budget (marked so)")):
     """Latency and throughput per engine, precision, batch and beam, beside the PyTorch reference."""
     from captrt.bench.bench import run_bench
 
     try:
         run_bench(model, engines=engine, precisions=precision, device=device, batches=batch, beams=beam, steps=steps,
                   warmup=warmup, iters=iters, max_seconds=max_seconds, threads=threads, images=images,
-                  checkpoint=checkpoint, json_out=json_out)
+                  checkpoint=checkpoint, json_out=json_out, allow_unverified=allow_unverified)
     except KNOWN_ERRORS as exc:
         _fail(exc)
 

@@ -22,7 +22,7 @@ from captrt.bench.machine import OtherCpu, library_versions, load_average, machi
 from captrt.bench.measure import PeakRss, current_rss_mb, summarize
 from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import make_runner
-from captrt.bench.quality import row_quality
+from captrt.bench.quality import quality_cell, row_quality
 from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ModelDir
@@ -102,7 +102,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
               checkpoint: str | Path | None = None, threads: int | None = None,
               images: str | Path | np.ndarray | None = None, max_seconds: float | None = None,
               bandwidth_mb: int = DEFAULT_MB, progress: bool = True, print_table: bool = True,
-              check_quality: bool = True) -> dict[str, Any]:
+              check_quality: bool = True, allow_unverified: bool = False) -> dict[str, Any]:
     """Benchmark the model directory `model`; returns the report (also written to `json_out` if given).
 
     engines: ort, trt, torch, openvino (the runtime's engines) and reference (the seed's per-image search on
@@ -115,6 +115,8 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     max_seconds: per configuration, stop timing after this long once MIN_ITERS_IN_BUDGET runs are in.
     check_quality: each row's "quality" (captrt.bench.quality): exact fp32, or the precision's verification
     on the model's parity set (the cached one, else measured now and cached, as a first load would).
+    A precision that misses the quality budget (or cannot be verified) is skipped with its numbers, as
+    Captioner.load refuses it, unless allow_unverified: then its rows say so beside the speed.
     Bad arguments raise ValueError (ModelDirError for the directory) naming the flag or file.
     """
     engine_list = parse_list(engines, "engine")
@@ -180,6 +182,13 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
                 quality = row_quality(mdir, runner)
                 if quality.get("source") == "bench":
                     log(f"{engine} {precision}: verified on the parity set now: {quality}")
+                if quality["status"] in ("failed", "unverified") and not allow_unverified:
+                    reason = (f"{precision} on {engine} {'missed the quality budget' if quality['status'] == 'failed' else 'is not verified'}"
+                              f" ({quality_cell(quality)}); pass --allow-unverified to bench it anyway")
+                    log(f"skipping {engine} {precision}: {reason}")
+                    report["skipped"].append({"engine": engine, "precision": precision, "reason": reason})
+                    runner.close()
+                    continue
             runners.append((runner, grown, quality))
         for batch in batch_list:
             for beam in beam_list:

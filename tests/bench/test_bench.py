@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory):
     ckpt = make_tiny_checkpoint(root / "tiny.pt")
     # A random-weight model's int8 misses the quality budget: written with force (the bench measures speed, and
     # says "unverified" beside it), without the accuracy-aware search (nothing to gain on random weights).
-    export_model(ckpt, root / "model", int8=True, max_beam=5, parity_count=1, calib_count=1, overwrite=True,
+    export_model(ckpt, root / "model", int8=True, max_beam=5, parity_count=16, calib_count=1, overwrite=True,
                  progress=False, force=True, int8_search=False)
     return root / "model"
 
@@ -45,7 +45,7 @@ def _check_stats(stats, n=None):
 def test_forced_steps_every_engine_json_and_table(tiny_model, tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = run_bench(tiny_model, engines="ort,torch,reference", precisions="fp32,int8", batches="1,2",
-                       beams="3", steps=3, json_out=out, **FAST)
+                       beams="3", steps=3, json_out=out, allow_unverified=True, **FAST)
     data = json.loads(out.read_text())
     assert data["results"] == json.loads(json.dumps(report["results"]))
     for key in ("machine", "versions", "floor", "model", "settings", "date"):
@@ -188,7 +188,7 @@ def test_captrt_bench_command(tiny_model, tmp_path):
     out = tmp_path / "cli.json"
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_model), "--engine", "ort", "--precision", "fp32,int8",
                                    "--batch", "2", "--beam", "1,3", "--steps", "2", "--warmup", "0", "--iters", "1",
-                                   "--threads", "1", "--json", str(out)])
+                                   "--threads", "1", "--json", str(out), "--allow-unverified"])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["results"]
     assert sorted((r["precision"], r["batch"], r["beam"]) for r in rows) == [
@@ -222,3 +222,16 @@ def test_engines_take_turns_run_by_run():
                     device="cpu")
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
     assert [r["engine"] for r in recs] == ["a", "b"] and all(r["iters"] == 3 for r in recs)
+
+
+def test_a_precision_below_budget_is_skipped_unless_allowed(tiny_model):
+    """The tiny random model's int8 misses the budget (written with force): the bench refuses it as
+    Captioner.load does, with its numbers, and benches it marked FAIL when allowed."""
+    report = run_bench(tiny_model, engines="ort", precisions="fp32,int8", batches="1", beams="2", steps=2, **FAST)
+    assert {r["precision"] for r in report["results"]} == {"fp32"}
+    [skip] = [s for s in report["skipped"] if s["precision"] == "int8"]
+    assert "missed the quality budget" in skip["reason"] and "--allow-unverified" in skip["reason"]
+    allowed = run_bench(tiny_model, engines="ort", precisions="int8", batches="1", beams="2", steps=2,
+                        allow_unverified=True, **FAST)
+    [row] = allowed["results"]
+    assert row["quality"]["status"] == "failed" and row["quality"]["passed"] is False
