@@ -88,6 +88,12 @@ class ModelDir:
         return d
 
     def require_precision(self, precision: str) -> None:
+        """Raise ModelDirError unless the graphs `precision` runs on are here. An engine precision (bf16:
+        OpenVINO runs the fp32 graphs in bf16) needs the fp32 graphs; every other names a file variant."""
+        from captrt.runtime.engines.base import ENGINE_PRECISIONS
+
+        if precision in ENGINE_PRECISIONS:
+            precision = "fp32"
         refused = (self.manifest.get("refused") or {}).get(precision)
         if precision not in self.graphs and isinstance(refused, dict):
             raise ModelDirError(f"{self.manifest_path}: the {precision} variant was refused at export because it "
@@ -100,6 +106,9 @@ class ModelDir:
     def graph_path(self, precision: str, graph: str) -> Path:
         """Path of `graph` ('encoder' | 'decoder_step') for `precision` (not yet verified: see read_graph)."""
         self.require_precision(precision)
+        if precision not in self.graphs:
+            raise ModelDirError(f"{self.manifest_path}: {precision!r} is an engine precision with no graph files of "
+                                "its own; its engine reads the fp32 graphs")
         if graph not in GRAPHS:
             raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
         return self.path / self.graphs[precision][graph]["file"]

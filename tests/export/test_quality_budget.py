@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from captrt.cli import app
-from captrt.runtime import Captioner, ModelDirError
+from captrt.runtime import Captioner, ModelDir, ModelDirError
 from captrt.runtime.errors import UnverifiedPrecisionError
 from tests.conftest import make_tiny_checkpoint, random_images
 
@@ -174,3 +174,21 @@ def test_tampered_parity_set_is_refused(model_copy, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_model", lambda: "Tamper CPU")  # forces a fresh verification at load
     with pytest.raises(ModelDirError, match="parity set was modified or corrupted"):
         Captioner.load(model_copy, precision="fp16")
+
+
+def test_export_records_an_engine_precision_it_cannot_run_here(forced, tmp_path, monkeypatch):
+    """--bf16 verifies OpenVINO bf16 on the export machine; a CPU without bf16 units is reported and the
+    export still succeeds (there are no bf16 files to refuse), naming the CPU flags it needs."""
+    pytest.importorskip("openvino")
+    import captrt.runtime.hardware as hardware
+    from captrt.export.exporter import export_model
+
+    monkeypatch.setattr(hardware, "all_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ["avx2", "fma"])
+    _, _, ckpt = forced
+    manifest = export_model(ckpt, tmp_path / "model", parity_count=4, verify_engines=[("openvino", "bf16")],
+                            progress=False)
+    assert "avx512_bf16" in manifest["not_verified"]["openvino-bf16"]
+    assert not [e for e in manifest["verification"] if e["precision"] == "bf16"]
+    assert "refused" not in manifest
+    ModelDir.load(tmp_path / "model").require_precision("bf16")  # an engine precision over the fp32 graphs
