@@ -1,7 +1,8 @@
 """Marker-delimited sections of benchmarks/RESULTS.md that another script owns.
 
 `benchmarks/serve.py` writes its results between ``<!-- serve:begin -->`` and ``<!-- serve:end -->``,
-`benchmarks/batch.py` between ``<!-- batch:begin -->`` and ``<!-- batch:end -->``;
+`benchmarks/batch.py` between ``<!-- batch:begin -->`` and ``<!-- batch:end -->``,
+`benchmarks/precisions.py` between ``<!-- precisions:begin -->`` and ``<!-- precisions:end -->``;
 `benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
@@ -13,6 +14,8 @@ BATCH_BEGIN = "<!-- batch:begin -->"  # benchmarks/batch.py's section (corpus ca
 BATCH_END = "<!-- batch:end -->"
 OPENVINO_BEGIN = "<!-- openvino:begin -->"  # the OpenVINO engine's section (measured by hand: its CPU features vary)
 OPENVINO_END = "<!-- openvino:end -->"
+PRECISIONS_BEGIN = "<!-- precisions:begin -->"  # benchmarks/precisions.py: speed beside quality per precision
+PRECISIONS_END = "<!-- precisions:end -->"
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:

@@ -38,7 +38,11 @@ DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "b
                 "features": {0: "batch"}, "att_proj": {0: "batch"}}
 PARITY_BEAM = 5
 PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of BLEU-4
-TUNE_COUNT = 40  # images the int8 search judges candidates on (neither parity nor calibration images)
+TUNE_COUNT = 100  # images the int8 search judges candidates on (neither parity nor calibration images)
+# The search aims above the budget by half its slack (0.995 for 0.99): on the demo model a mix that met 0.99
+# on 40 tuning images missed it on the parity set (BLEU-4 98.8%, CIDEr 97.8%); a 1% effect is near the
+# resolution of 100 images, so the search keeps a margin rather than stop on the first lucky pass.
+TUNE_MARGIN = 0.5
 NUMERIC_IMAGES = 4
 INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
 INT8_DECODER = "dynamic int8 MatMuls (per-channel symmetric weights, per-call activation scales), log_softmax/TopK fp32"
@@ -313,8 +317,10 @@ def _search_int8(enc: onnx.ModelProto, dec: onnx.ModelProto, calib_set, tune_set
 
     fp32_tokens = captions(enc, dec)
 
+    target = budget + (1.0 - budget) * TUNE_MARGIN
+
     def judge(e8: onnx.ModelProto, d8: onnx.ModelProto) -> QualityReport:
-        return judge_tokens(captions(e8, d8), fp32_tokens, tune_set.captions, vocab.decode, budget=budget)
+        return judge_tokens(captions(e8, d8), fp32_tokens, tune_set.captions, vocab.decode, budget=target)
 
     result = search_int8(enc, dec, calib_set.images, judge, log=log.say)
     return result.encoder, result.decoder, result.to_report()
