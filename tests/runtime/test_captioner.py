@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from captrt.runtime import Caption, Captioner, EngineUnavailableError, InvalidImageError
 from tests.conftest import cuda_usable, random_images
+from tests.runtime.threads import assert_thread_safe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,36 +178,7 @@ def test_provider_reported(captioner):
 
 def test_thread_safety_eight_threads(varied_model_dir):
     """One Captioner shared by 8 threads gives exactly the sequential results."""
-    shared = Captioner.load(varied_model_dir, threads=1)
-    imgs = random_images(16, seed=21)
-    jobs = [(imgs[i % 16: i % 16 + 1 + i % 3], 1 + i % 5, i % 2 == 0) for i in range(16)]  # varied batches/beams
-    sequential = [shared.caption(x, beam_size=b, return_attention=a) for x, b, a in jobs]
-    results: dict[int, list] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for j in range(t, len(jobs), 8):
-                x, b, a = jobs[j]
-                results[j] = shared.caption(x, beam_size=b, return_attention=a)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for j, seq in enumerate(sequential):
-        got = results[j]
-        assert [c.tokens for c in got] == [c.tokens for c in seq]
-        assert [c.score for c in got] == [c.score for c in seq]
-        for g, s in zip(got, seq):
-            if s.attention is not None:
-                np.testing.assert_array_equal(g.attention, s.attention)
+    assert_thread_safe(Captioner.load(varied_model_dir, threads=1))
 
 
 def test_close_and_context_manager(varied_model_dir, images):

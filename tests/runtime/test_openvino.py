@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from captrt.runtime.engines import create_engine
 from captrt.runtime.model_dir import ModelDir
 from tests.conftest import random_images
 from tests.runtime.test_model_dir import manifest, rehash, write_manifest
+from tests.runtime.threads import assert_thread_safe
 
 pytest.importorskip("openvino")
 from captrt.runtime.engines import openvino as ov_engine  # noqa: E402
@@ -259,36 +259,7 @@ def test_external_data_is_refused(model_copy):
 # ------------------------------------------------------------------ threads
 def test_thread_safety_eight_threads(varied_model_dir):
     """One Captioner shared by 8 threads gives exactly the sequential results (one InferRequest per thread)."""
-    shared = Captioner.load(varied_model_dir, engine="openvino", threads=1, step_on="openvino")
-    imgs = random_images(16, seed=21)
-    jobs = [(imgs[i % 16: i % 16 + 1 + i % 3], 1 + i % 5, i % 2 == 0) for i in range(16)]  # varied batches/beams
-    sequential = [shared.caption(x, beam_size=b, return_attention=a) for x, b, a in jobs]
-    results: dict[int, list] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for j in range(t, len(jobs), 8):
-                x, b, a = jobs[j]
-                results[j] = shared.caption(x, beam_size=b, return_attention=a)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for j, seq in enumerate(sequential):
-        got = results[j]
-        assert tokens(got) == tokens(seq)
-        assert [c.score for c in got] == [c.score for c in seq]
-        for g, s in zip(got, seq):
-            if s.attention is not None:
-                np.testing.assert_array_equal(g.attention, s.attention)
+    assert_thread_safe(Captioner.load(varied_model_dir, engine="openvino", threads=1, step_on="openvino"))
 
 
 def test_closed_engine_fails_clearly(varied_model_dir):
