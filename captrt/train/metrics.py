@@ -148,9 +148,17 @@ class _MeteorProcess:
         self._stderr.seek(0)
         tail = self._stderr.read()[-2000:].decode("utf-8", "replace").strip()
         why = f"no output for {self._stall_timeout:.0f} s, killed" if self._timed_out else \
-            f"exit code {self._proc.poll()}"
+            f"exit code {self._exit_code()}"
         return RuntimeError(f"METEOR (java -jar {_meteor_dir() / 'meteor-1.5.jar'}) failed while {what} "
                             f"({why}){': ' + tail if tail else ''}")
+
+    def _exit_code(self) -> int | None:
+        """The JVM's exit code once it has exited. Its stdout closes a moment before the process is reaped,
+        so poll() alone could still say None (seen as a flaky test): wait a little for it."""
+        try:
+            return self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _ask(self, line: str, n_answers: int, what: str) -> list[str]:
         assert self._proc.stdin is not None and self._proc.stdout is not None

@@ -45,6 +45,7 @@ def test_operations_endpoints(server, auth, serve_model_dir):
     assert (info["grid"], info["vocab_size"], info["image_size"], info["max_beam"]) == (8, model.vocab_size, 256, 10)
     assert info["engine"] == "ort" and info["provider"] == "CPUExecutionProvider" and info["precision"] == "fp32"
     assert "fp32" in info["precisions"] and info["max_batch"] == 16
+    assert info["verification"] == {"status": "exact", "source": None}  # fp32 on ORT's CPU provider
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/captions"]["post"]["parameters"]
     maps = open(f"/proc/{server.pid}/maps").read()  # the running service never loaded torch
     assert "libtorch" not in maps and "onnxruntime" in maps
