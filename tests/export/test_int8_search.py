@@ -45,8 +45,15 @@ def images():
     return synthetic(40, 256, seed=3).images  # 16 calibration + 24 tuning images
 
 
-def _search(path, images, judge_filter=None):
-    enc, dec = trace_graphs(path)
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A tiny model whose full int8 meets the budget: (checkpoint path, traced fp32 graphs), traced once."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("plain") / "plain.pt", sharpen=10.0, dim=64)
+    return path, trace_graphs(path)
+
+
+def _search(path, images, judge_filter=None, graphs=None, measure=True):
+    enc, dec = graphs if graphs is not None else trace_graphs(path)
     vocab = load_checkpoint(path).vocab
     judge = token_judge(enc, dec, images[16:], start=vocab.start, end=vocab.end, vocab_size=len(vocab),
                         max_steps=12, budget=BUDGET)
@@ -57,7 +64,7 @@ def _search(path, images, judge_filter=None):
         verdict = judge(enc8, dec8)
         return verdict if judge_filter is None else judge_filter(enc8, dec8, verdict)
 
-    result = search_int8(enc, dec, images[:16], counting_judge)
+    result = search_int8(enc, dec, images[:16], counting_judge, measure=measure)
     return enc, result, len(calls)
 
 
@@ -83,9 +90,8 @@ def test_search_returns_the_broken_layer_to_fp32(tmp_path, images):
     assert SENSITIVE_WEIGHT in floats
 
 
-def test_search_keeps_full_int8_when_it_meets_the_budget(tmp_path, images):
-    path = make_tiny_checkpoint(tmp_path / "plain.pt", sharpen=10.0, dim=64)
-    enc, result, calls = _search(path, images)
+def test_search_keeps_full_int8_when_it_meets_the_budget(plain, images):
+    enc, result, calls = _search(plain[0], images, graphs=plain[1])
     assert result.passed and result.fp32_nodes == [] and result.calibration == "minmax"
     assert calls == 2 and len(result.trials) == 2 and result.ranking == [] and result.decoder_int8
     ops = [n.op_type for n in result.encoder.graph.node]
@@ -96,7 +102,7 @@ def test_search_keeps_full_int8_when_it_meets_the_budget(tmp_path, images):
     assert np.isfinite(result.to_report()["speedup"])
 
 
-def test_search_keeps_the_step_fp32_when_its_int8_form_alone_misses_the_budget(tmp_path, images):
+def test_search_keeps_the_step_fp32_when_its_int8_form_alone_misses_the_budget(plain, images):
     """A judge that rejects every int8 step (as a model whose step is the sensitive part would): the
     step stays fp32 and the encoder is still searched, and found within budget in full int8."""
     from types import SimpleNamespace
@@ -106,8 +112,7 @@ def test_search_keeps_the_step_fp32_when_its_int8_form_alone_misses_the_budget(t
             return SimpleNamespace(passed=False, score=0.0, summary=lambda: {"passed": False, "why": "int8 step"})
         return verdict
 
-    path = make_tiny_checkpoint(tmp_path / "plain.pt", sharpen=10.0, dim=64)
-    enc, result, calls = _search(path, images, judge_filter=reject_int8_steps)
+    enc, result, calls = _search(plain[0], images, judge_filter=reject_int8_steps, graphs=plain[1], measure=False)
     assert not result.decoder_int8 and result.passed and result.fp32_nodes == []
     assert "MatMulInteger" not in [n.op_type for n in result.decoder.graph.node]
     assert [t["calibration"] for t in result.trials] == ["fp32 encoder, int8 step", "minmax"] and calls == 2

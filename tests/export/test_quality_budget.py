@@ -48,10 +48,16 @@ def test_forced_export_records_both_verdicts(forced):
     assert len(manifest["parity_set"]["files"]) == 2 and manifest["parity_set"]["images"] == PARITY
 
 
-def test_export_refuses_a_variant_below_budget(forced, tmp_path):
+def test_export_refuses_a_variant_below_budget(forced, tmp_path, monkeypatch):
+    """int8 below budget is not written (exit 1, named with its numbers); --bf16 on a CPU without bf16 units
+    records why, naming the flags it needs (there are no bf16 files to refuse)."""
+    import captrt.runtime.hardware as hardware
+
+    monkeypatch.setattr(hardware, "all_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ["avx2", "fma"])
     _, _, ckpt = forced
     out = tmp_path / "model"
-    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--int8", "--no-int8-search",
+    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(out), "--int8", "--no-int8-search", "--bf16",
                                       "--parity-images", str(PARITY)])
     assert result.exit_code == 1, result.output
     assert "int8 refused" in result.output and "captions identical to fp32" in result.output
@@ -61,6 +67,11 @@ def test_export_refuses_a_variant_below_budget(forced, tmp_path):
     assert set(manifest["graphs"]) == {"fp32"} and manifest["refused"]["int8"]["quality"]["passed"] is False
     with pytest.raises(ModelDirError, match="refused at export because it missed the quality budget"):
         Captioner.load(out, precision="int8")
+    why = manifest["not_verified"]["openvino-bf16"]  # no bf16 units (or, without the openvino extra, no openvino)
+    assert "avx512_bf16" in why or "openvino" in why
+    assert not [e for e in manifest["verification"] if e["precision"] == "bf16"]
+    assert "openvino-bf16" not in manifest["refused"]
+    ModelDir.load(out).require_precision("bf16")  # an engine precision over the fp32 graphs
 
 
 def test_load_refuses_a_failed_variant_unless_allowed(forced):
@@ -175,20 +186,3 @@ def test_tampered_parity_set_is_refused(model_copy, monkeypatch):
     with pytest.raises(ModelDirError, match="parity set was modified or corrupted"):
         Captioner.load(model_copy, precision="fp16")
 
-
-def test_export_records_an_engine_precision_it_cannot_run_here(forced, tmp_path, monkeypatch):
-    """--bf16 verifies OpenVINO bf16 on the export machine; a CPU without bf16 units is reported and the
-    export still succeeds (there are no bf16 files to refuse), naming the CPU flags it needs."""
-    pytest.importorskip("openvino")
-    import captrt.runtime.hardware as hardware
-    from captrt.export.exporter import export_model
-
-    monkeypatch.setattr(hardware, "all_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: ["avx2", "fma"])
-    _, _, ckpt = forced
-    manifest = export_model(ckpt, tmp_path / "model", parity_count=4, verify_engines=[("openvino", "bf16")],
-                            progress=False)
-    assert "avx512_bf16" in manifest["not_verified"]["openvino-bf16"]
-    assert not [e for e in manifest["verification"] if e["precision"] == "bf16"]
-    assert "refused" not in manifest
-    ModelDir.load(tmp_path / "model").require_precision("bf16")  # an engine precision over the fp32 graphs
