@@ -10,9 +10,9 @@ by the engine that needs them and torch only by engine="torch".
 """
 
 from captrt.runtime.captioner import Caption, Captioner
-from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.errors import EngineUnavailableError, ModelDirError, UnverifiedPrecisionError
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.preprocess import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
 __all__ = ["Caption", "Captioner", "EngineUnavailableError", "ImageTooLargeError", "InvalidImageError", "ModelDir",
-           "ModelDirError", "UnsupportedImageFormatError"]
+           "ModelDirError", "UnsupportedImageFormatError", "UnverifiedPrecisionError"]
