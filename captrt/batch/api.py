@@ -140,12 +140,13 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     settings = {"sources": sources, "split": split, "model_id": model_dir.model_id, "engine": engine,
                 "precision": precision, "device": device, "beam": beam, "max_steps": max_steps, "format": fmt,
                 "shard_rows": shard_rows}
-    load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision}
-    if allow_unverified:  # only passed when asked: older Captioner.load has no such keyword
-        load_options["allow_unverified"] = True
+    load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision,
+                                    "allow_unverified": allow_unverified}
 
     captioner = None
-    if ray is None:
+    # Ray mode loads once here too when the precision needs a quality verification: a missing or failed one is
+    # refused in one line before any actor starts (and a first verification is cached for this machine's actors).
+    if ray is None or (precision != "fp32" and not allow_unverified):
         from captrt.runtime.captioner import Captioner
 
         try:
@@ -155,6 +156,9 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         if beam > captioner.max_beam:
             captioner.close()
             raise BatchUsageError(f"beam must be at most the model's max_beam {captioner.max_beam}, got {beam}")
+        if ray is not None:
+            captioner.close()
+            captioner = None
     try:
         created = not out.exists()
         try:

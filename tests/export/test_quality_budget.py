@@ -186,3 +186,20 @@ def test_tampered_parity_set_is_refused(model_copy, monkeypatch):
     with pytest.raises(ModelDirError, match="parity set was modified or corrupted"):
         Captioner.load(model_copy, precision="fp16")
 
+
+
+def test_batch_refuses_an_unverified_precision_before_writing(forced, tmp_path):
+    from PIL import Image
+
+    from captrt.batch import BatchUsageError, run_batch
+
+    model, _, _ = forced
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, pixels in enumerate(random_images(3, seed=4)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    with pytest.raises(BatchUsageError, match="missed the quality budget"):
+        run_batch([str(images)], model, tmp_path / "out", precision="int8", progress=False)
+    assert not (tmp_path / "out").exists()
+    result = run_batch([str(images)], model, tmp_path / "out", precision="int8", allow_unverified=True, progress=False)
+    assert (result.captioned, result.failed) == (3, 0)
