@@ -180,7 +180,7 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
             quality = None
             if check_quality:
                 quality = row_quality(mdir, runner)
-                if quality.get("source") == "bench":
+                if quality.get("source") == "this load":
                     log(f"{engine} {precision}: verified on the parity set now: {quality}")
                 if quality["status"] in ("failed", "unverified") and not allow_unverified:
                     reason = (f"{precision} on {engine} {'missed the quality budget' if quality['status'] == 'failed' else 'is not verified'}"

@@ -20,20 +20,13 @@ def row_quality(model: ModelDir, runner: Any, *, measure_missing: bool = True) -
         return {"status": "reference", "source": None}
     if not engine.needs_verification:
         return {"status": "exact", "source": None}
-    from captrt.runtime.parity_set import ParitySet
-    from captrt.runtime.verify import ensure_verified, measure, record, store_record, verification_key
+    from captrt.runtime.verify import ensure_verified
 
-    found = ensure_verified(model, engine, allow_unverified=True, verify_now=False)
-    report, source = found.report, found.source
-    if report is None and measure_missing:
-        parity = ParitySet.load(model)
-        if parity is not None:
-            report, source = measure(engine, parity, model.vocab), "bench"
-            key, digest = verification_key(model, engine)
-            store_record(model, record(report, key, digest, "bench"))
-    if report is None:
+    found = ensure_verified(model, engine, allow_unverified=True, verify_now=measure_missing)
+    if found.report is None:
         return {"status": "unverified", "source": None}
-    return {"status": "verified" if report.passed else "failed", "source": source, **report.summary()}
+    return {"status": "verified" if found.report.passed else "failed", "source": found.source,
+            **found.report.summary()}
 
 
 def quality_cell(q: dict[str, Any] | None) -> str:

@@ -256,9 +256,12 @@ class Verification:
 
 
 def ensure_verified(model: "ModelDir", engine: "Engine", *, allow_unverified: bool = False,
-                    budget: float | None = None, verify_now: bool = True) -> Verification:
+                    budget: float | None = None, verify_now: bool | None = None) -> Verification:
     """Find, or measure now, this engine's verification; refuse (UnverifiedPrecisionError) when it is
-    missing or failed unless allow_unverified. verify_now=False never runs the parity set."""
+    missing or failed unless allow_unverified. verify_now: run the parity set when no result is found
+    (default: unless allow_unverified, which loads at once rather than spend time verifying)."""
+    if verify_now is None:
+        verify_now = not allow_unverified
     if not engine.needs_verification:
         return Verification("exact")
     budget = DEFAULT_BUDGET if budget is None else check_budget(budget)
@@ -268,7 +271,7 @@ def ensure_verified(model: "ModelDir", engine: "Engine", *, allow_unverified: bo
     source = None
     if found is not None:
         report, source = QualityReport.from_dict(found["report"], budget), found["source"]
-    elif verify_now and not allow_unverified:
+    elif verify_now:
         parity = ParitySet.load(model)
         if parity is not None:
             what = f"{engine.name} {engine.precision} ({engine.provider})"
