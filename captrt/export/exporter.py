@@ -19,11 +19,11 @@ from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_mani
                                     write_json)
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
-from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity,
+from captrt.export.parity import (Timer, candidates, caption_parity, make_session, not_measured, numeric_parity,
                                   parity_report, torch_threads)
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
-from captrt.export.variant_quality import candidates, describe_mix, search_int8_variant, verify_engines_here
+from captrt.export.variant_quality import describe_mix, search_int8_variant, verify_engines_here
 from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,

@@ -123,6 +123,11 @@ def caption_parity(reference_tokens: Sequence[list[int]], variant_tokens: Sequen
             "bleu4_change": round(bleu_var - bleu_ref, 6), "mismatches": mismatches}
 
 
+def candidates(decoder) -> int:
+    """C, a decoder_step session's candidates per beam (its cand_logp's last dimension, the max_beam)."""
+    return int(next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1])
+
+
 def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int, vocab_size: int,
                       beam_size: int, max_steps: int, tick: Callable[[], None] | None = None,
                       batch: int = PARITY_BATCH) -> list:
@@ -131,8 +136,7 @@ def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int
     from captrt.runtime.beam import beam_search
     from captrt.runtime.engines.ort import SessionEngine
 
-    width = next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1]  # C, max_beam
-    engine = SessionEngine(encoder, decoder, width)
+    engine = SessionEngine(encoder, decoder, candidates(decoder))
     out = []
     for s in range(0, len(images), batch):
         results = beam_search(engine, images[s:s + batch], start=start, end=end, vocab_size=vocab_size,

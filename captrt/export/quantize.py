@@ -133,11 +133,16 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [node.output[0]], name=node.name + "_matmul"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for n in nodes for name in n.input}
+    _drop_unused_initializers(model)
+    return model
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads any more (the weights a rewrite replaced)."""
+    used = {name for n in model.graph.node for name in n.input}
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    return model
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -215,10 +220,7 @@ def quantize_decoder(model: onnx.ModelProto, form: str = "u8u8") -> onnx.ModelPr
     del prepared.graph.node[:]
     prepared.graph.node.extend(new_nodes)
     prepared.graph.initializer.extend(new_inits)
-    used = {name for n in new_nodes for name in n.input}
-    kept = [t for t in prepared.graph.initializer if t.name in used]
-    del prepared.graph.initializer[:]
-    prepared.graph.initializer.extend(kept)
+    _drop_unused_initializers(prepared)
     try:
         onnx.checker.check_model(prepared)
     except onnx.checker.ValidationError as exc:

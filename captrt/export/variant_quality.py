@@ -14,10 +14,9 @@ from pathlib import Path
 import onnx
 
 from captrt.export.manifest import MANIFEST, MAX_STEPS, write_json
-from captrt.export.parity import make_session
 from captrt.export.progress import Progress
 from captrt.runtime.parity_set import ParitySet
-from captrt.runtime.verify import QualityReport, judge_tokens, measure, record, search_tokens, verification_key
+from captrt.runtime.verify import QualityReport, judge_tokens, measure, record, verification_key
 from captrt.vocab import Vocab
 
 # The search aims above the budget by half its slack (0.995 for 0.99): on the demo model a mix that met 0.99
@@ -29,14 +28,11 @@ TUNE_MARGIN = 0.5
 def search_int8_variant(enc: onnx.ModelProto, dec: onnx.ModelProto, calib_set, tune_set, vocab: Vocab, beam: int,
                         budget: float, log: Progress) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
     """captrt.export.int8_search over the tuning images, judged exactly as the parity set will be."""
-    from captrt.export.int8_search import search_int8
-    from captrt.runtime.engines.ort import SessionEngine
+    from captrt.export.int8_search import caption_tokens, search_int8
 
     def captions(e: onnx.ModelProto, d: onnx.ModelProto) -> list[list[int]]:
-        dec_s = make_session(d.SerializeToString(), threads=1)
-        engine = SessionEngine(make_session(e.SerializeToString()), dec_s, candidates(dec_s))
-        return search_tokens(engine, tune_set.images, start=vocab.start, end=vocab.end, vocab_size=len(vocab),
-                             beam_size=beam, max_steps=MAX_STEPS)
+        return caption_tokens(e, d, tune_set.images, start=vocab.start, end=vocab.end, vocab_size=len(vocab),
+                              beam_size=beam, max_steps=MAX_STEPS)
 
     fp32_tokens = captions(enc, dec)
     target = budget + (1.0 - budget) * TUNE_MARGIN
@@ -87,7 +83,3 @@ def verify_engines_here(tmp: Path, manifest: dict, pairs: Sequence[tuple[str, st
     write_json(tmp / MANIFEST, manifest)
     return manifest
 
-
-def candidates(decoder) -> int:
-    """C, the decoder's candidates per beam (its cand_logp's last dimension)."""
-    return int(next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1])
