@@ -71,11 +71,14 @@ class Int8Result:
     timings_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": ..., "int8": ...}
     reduce_range: bool = True
     decoder_int8: bool = True  # False: the step's int8 form alone missed the budget, so it stays fp32
+    int8_layers: int | None = None  # encoder layers still int8 (None: not counted, full int8 chose itself)
 
     @property
     def useful(self) -> bool:
         """Worth shipping: within budget and at least min_speedup faster than fp32."""
-        return self.passed and self.speedup is not None and self.speedup >= self.min_speedup
+        # Nothing left in int8 (fp32 step, every encoder layer back in fp32) is fp32 whatever its timing says.
+        nothing_int8 = not self.decoder_int8 and self.int8_layers == 0
+        return self.passed and not nothing_int8 and self.speedup is not None and self.speedup >= self.min_speedup
 
     def to_report(self) -> dict[str, Any]:
         """JSON-ready, for captrt.json's int8 report."""
@@ -84,6 +87,7 @@ class Int8Result:
         return {"calibration": self.calibration, "weights": "7-bit" if self.reduce_range else "8-bit",
                 "decoder": "int8 (per-row)" if self.decoder_int8 else "fp32 (its int8 form alone missed the budget)",
                 "fp32_nodes": list(self.fp32_nodes), "fp32_layers": list(self.fp32_layers),
+                "int8_layers": self.int8_layers,
                 "passed": self.passed, "quality": final, "speedup": self.speedup, "min_speedup": self.min_speedup,
                 "useful": self.useful, "timings_ms": dict(self.timings_ms), "at_fault": list(self.at_fault),
                 "trials": [dict(t) for t in self.trials],
@@ -144,7 +148,8 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
     result = Int8Result(enc8, dec8, calibration, list(fp32_nodes), trials, passed,
                         None if speedup is None else round(speedup, 3), [], min_speedup,
                         [layer_label(encoder, n) for n in fp32_nodes], ranking,
-                        {k: round(v, 2) for k, v in timings.items()}, reduce_range, decoder_int8)
+                        {k: round(v, 2) for k, v in timings.items()}, reduce_range, decoder_int8,
+                        len(ranking) - len(fp32_nodes) if ranking else None)
     if not result.useful and (not passed or speedup is not None):
         # Give up honestly: name the layers that cost quality (the ranking) or, when the ranking never
         # ran, the ones kept in fp32.
@@ -245,18 +250,14 @@ class TokenJudgement:
 def caption_tokens(encoder: onnx.ModelProto, decoder: onnx.ModelProto, images: np.ndarray, *, start: int, end: int,
                    vocab_size: int, beam_size: int, max_steps: int, batch: int = 16) -> list[list[int]]:
     """Word ids per image by the runtime's batched beam search over CPU sessions of the two graphs."""
-    from captrt.export.parity import make_session
-    from captrt.runtime.beam import beam_search
+    from captrt.export.parity import candidates, make_session
     from captrt.runtime.engines.ort import SessionEngine
+    from captrt.runtime.verify import search_tokens
 
     dec_s = make_session(decoder.SerializeToString(), threads=1)  # the step's ops are small: one thread
-    width = next(o for o in dec_s.get_outputs() if o.name == "cand_logp").shape[-1]
-    engine = SessionEngine(make_session(encoder.SerializeToString()), dec_s, width)
-    out: list[list[int]] = []
-    for s in range(0, len(images), batch):
-        out += [list(r.tokens) for r in beam_search(engine, images[s:s + batch], start=start, end=end,
-                                                     vocab_size=vocab_size, beam_size=beam_size, max_steps=max_steps)]
-    return out
+    engine = SessionEngine(make_session(encoder.SerializeToString()), dec_s, candidates(dec_s))
+    return search_tokens(engine, images, start=start, end=end, vocab_size=vocab_size, beam_size=beam_size,
+                         max_steps=max_steps, batch_size=batch)
 
 
 def token_judge(encoder: onnx.ModelProto, decoder: onnx.ModelProto, tuning_images: np.ndarray, *, start: int,

@@ -117,3 +117,15 @@ def test_search_keeps_the_step_fp32_when_its_int8_form_alone_misses_the_budget(p
     assert "MatMulInteger" not in [n.op_type for n in result.decoder.graph.node]
     assert [t["calibration"] for t in result.trials] == ["fp32 encoder, int8 step", "minmax"] and calls == 2
     assert result.to_report()["decoder"].startswith("fp32")
+
+
+def test_a_mix_with_nothing_left_in_int8_is_never_useful():
+    """fp32 step and every encoder layer back in fp32 is fp32: a timing that says 1.12x is noise, not a gain."""
+    from captrt.export.int8_search import Int8Result
+
+    def result(decoder_int8: bool, int8_layers: int | None) -> Int8Result:
+        return Int8Result(None, None, "minmax", ["a", "b"], [], True, 1.12, [], 1.1, decoder_int8=decoder_int8,
+                          int8_layers=int8_layers)
+
+    assert not result(False, 0).useful
+    assert result(False, 3).useful and result(True, 0).useful and result(True, None).useful
