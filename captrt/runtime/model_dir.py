@@ -133,6 +133,24 @@ class ModelDir:
                 self._verified[(precision, graph)] = digest
         return data
 
+    def check_io(self, variant: str, ios: dict[str, tuple[list[str], list[str], int | None]]) -> None:
+        """What an engine loaded follows the format (docs/model-format.md): per graph (input names,
+        output names, cand_logp's static last dimension or None), exactly the format's inputs, at
+        least its outputs, and C = captrt.json's max_beam. Raises ModelDirError naming each file."""
+        problems = []
+        for graph, (inputs, outputs, cand) in ios.items():
+            where = self.graph_path(variant, graph)
+            if sorted(inputs) != sorted(GRAPH_INPUTS[graph]):
+                problems.append(f"{where}: inputs {inputs} (expected {list(GRAPH_INPUTS[graph])})")
+            missing = [n for n in GRAPH_OUTPUTS[graph] if n not in outputs]
+            if missing:
+                problems.append(f"{where}: outputs lack {missing}")
+            if cand is not None and cand != self.max_beam:
+                problems.append(f"{where}: returns {cand} candidates per beam but captrt.json max_beam is "
+                                f"{self.max_beam}")
+        if problems:
+            raise ModelDirError(f"graphs do not follow the captrt format: {'; '.join(problems)}")
+
     def _check_graph(self, path: Path, data: bytes, graph: str) -> None:
         try:
             summary = scan_model(data)

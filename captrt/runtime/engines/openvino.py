@@ -38,7 +38,6 @@ from captrt.runtime.engines.ort import SessionEngine, _Closed, session_options
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime import hardware
 from captrt.runtime.hardware import cpu_model
-from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
@@ -185,7 +184,7 @@ class OpenVinoEngine(SessionEngine):
         graphs = {g: self._load(model, precision, g, g in explicit) for g in ("encoder", "decoder_step")}
         super().__init__(graphs["encoder"], graphs["decoder_step"], model.max_beam, model=model, device=device,
                          precision=precision, threads=threads)
-        self._check_io(graphs)
+        model.check_io(self.variant, {g: runner.io() for g, runner in graphs.items()})
         self.effective = {g: graphs[g].inference_precision for g in graphs}
         # A graph placed on 'ort' (asked for explicitly) computes in fp32 and is reported as such.
         if precision == "bf16" and any(self.effective[g] != "bf16" for g in graphs if self.placement[g] == "openvino"):
@@ -239,21 +238,6 @@ class OpenVinoEngine(SessionEngine):
         except Exception as exc:
             raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
         return OrtGraph(session)
-
-    def _check_io(self, graphs: dict[str, OvGraph | OrtGraph]) -> None:
-        """The graphs' tensor names are the model format's (docs/model-format.md), C is captrt.json's max_beam."""
-        problems = []
-        for graph, runner in graphs.items():
-            inputs, outputs, cand = runner.io()
-            for kind, have, want in (("inputs", inputs, GRAPH_INPUTS[graph]), ("outputs", outputs, GRAPH_OUTPUTS[graph])):
-                missing = [n for n in want if n not in have]
-                if missing:
-                    problems.append(f"{self.model.graph_path(self.variant, graph)}: {kind} lack {missing}")
-            if cand is not None and cand != self.model.max_beam:
-                problems.append(f"{self.model.graph_path(self.variant, graph)}: returns {cand} candidates per beam "
-                                f"but captrt.json max_beam is {self.model.max_beam}")
-        if problems:
-            raise ModelDirError(f"graphs do not follow the captrt format: {'; '.join(problems)}")
 
     # -- what runs --------------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS
+from captrt.runtime.model_dir import DECODER_OUTPUTS, ENCODER_OUTPUTS
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
@@ -198,26 +198,12 @@ class OrtEngine(SessionEngine):
         return session
 
     def _check_io(self) -> None:
-        enc_in = [i.name for i in self.encoder.get_inputs()]
-        enc_out = {o.name for o in self.encoder.get_outputs()}
-        dec_in = {i.name for i in self.decoder.get_inputs()}
-        dec_out = {o.name for o in self.decoder.get_outputs()}
-        problems = []
-        if enc_in != ["image"]:
-            problems.append(f"encoder inputs {enc_in} (expected ['image'])")
-        for have, want, what in ((enc_out, ENCODER_OUTPUTS, "encoder outputs"),
-                                 (dec_in, DECODER_INPUTS, "decoder_step inputs"),
-                                 (dec_out, DECODER_OUTPUTS, "decoder_step outputs")):
-            missing = [n for n in want if n not in have]
-            if missing:
-                problems.append(f"{what} lack {missing}")
-        if problems:
-            raise ModelDirError(f"{self.model.path}: graphs do not follow the captrt format: {'; '.join(problems)}")
-        cand = next(o for o in self.decoder.get_outputs() if o.name == "cand_logp")
-        c = cand.shape[-1] if cand.shape else None
-        if isinstance(c, int) and c != self.model.max_beam:
-            raise ModelDirError(f"{self.model.graph_path(self.variant, 'decoder_step')}: returns {c} candidates "
-                                f"per beam but captrt.json max_beam is {self.model.max_beam}")
+        def io(session: ort.InferenceSession) -> tuple[list[str], list[str], int | None]:
+            cand = next((o.shape for o in session.get_outputs() if o.name == "cand_logp"), None)
+            last = cand[-1] if cand and isinstance(cand[-1], int) else None
+            return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()], last
+
+        self.model.check_io(self.variant, {"encoder": io(self.encoder), "decoder_step": io(self.decoder)})
 
     @property
     def provider(self) -> str:
