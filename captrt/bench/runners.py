@@ -1,7 +1,7 @@
 """One runner per engine: caption a batch end to end and report where the time went.
 
 - EngineRunner: a runtime engine (ort, trt, torch) under the runtime's batched beam search
-  (captrt.runtime.beam.beam_search). The engine is wrapped in TimedEngine, a delegating proxy that
+  (captrt.runtime.decoding.beam_search). The engine is wrapped in TimedEngine, a delegating proxy that
   times the real engine's encode/step calls: what is timed is exactly what the search runs.
 - ReferenceRunner: captrt.train.reference (the seed's algorithm) on the model directory's checkpoint,
   one image at a time, the attention projection recomputed at every step: the baseline users have.
@@ -70,7 +70,7 @@ class TimedEngine:
 
 
 class EngineRunner:
-    """A runtime engine (ort / trt / torch) under captrt.runtime.beam.beam_search."""
+    """A runtime engine (ort / trt / torch) under captrt.runtime.decoding.beam_search."""
 
     def __init__(self, name: str, model: ModelDir, *, precision: str, device: str, threads: int | None,
                  checkpoint: str | Path | None = None):
@@ -86,7 +86,7 @@ class EngineRunner:
         return str(self.engine.provider)
 
     def run(self, images: np.ndarray, beam: int, steps: int | None) -> RunSample:
-        from captrt.runtime.beam import beam_search
+        from captrt.runtime.decoding.beam import beam_search
 
         vocab = self.model.vocab
         self.timed.reset()

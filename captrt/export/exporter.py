@@ -24,7 +24,7 @@ from captrt.export.parity import (Timer, candidates, caption_parity, make_sessio
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.export.variant_quality import describe_mix, search_int8_variant, verify_engines_here
-from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from captrt.runtime.model_dir import DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
                                    key_digest, search_tokens)
@@ -36,7 +36,9 @@ from captrt.vocab import Vocab
 ENCODER_DIMS = {"image": {0: "batch"}}
 DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "beams"},
                 "h": {0: "batch", 1: "prev_beams"}, "c": {0: "batch", 1: "prev_beams"},
-                "features": {0: "batch"}, "att_proj": {0: "batch"}}
+                "features": {0: "batch"}, "att_proj": {0: "batch"},
+                "ban_ids": {0: "batch", 1: "beams", 2: "banned"}, "penalty_ids": {0: "batch", 1: "beams", 2: "penalized"},
+                "penalty": {0: "batch"}}
 PARITY_BEAM = 5
 PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of BLEU-4
 TUNE_COUNT = 100  # images the int8 search judges candidates on (neither parity nor calibration images)
@@ -205,7 +207,7 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
                           output_names=ENCODER_OUTPUTS, dynamic_dims=ENCODER_DIMS, opset=opset)
     with log.step("tracing decoder step"):
         dec = export_onnx(DecoderStepGraph(model, max_beam), example_decoder_inputs(model),
-                          input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS, dynamic_dims=DECODER_DIMS,
+                          input_names=DECODER_INPUTS, output_names=GRAPH_OUTPUTS["decoder_step"], dynamic_dims=DECODER_DIMS,
                           opset=opset)
     check_contract(enc, dec, cfg, max_beam)
     for name, graph in (("encoder", enc), ("decoder_step", dec)):
@@ -304,17 +306,19 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
 def check_contract(enc: onnx.ModelProto, dec: onnx.ModelProto, cfg, max_beam: int) -> None:
     """The graphs' names, dtypes and shapes are exactly docs/model-format.md's tables."""
     s, p, e, a, h = cfg.image_size, cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim
-    n, k, kp = "batch", "beams", "prev_beams"
+    n, k, kp, v = "batch", "beams", "prev_beams", cfg.vocab_size
     expected = {
         "encoder": {"inputs": {"image": ("uint8", [n, s, s, 3])},
                     "outputs": {"features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a]),
                                 "h0": ("float32", [n, h]), "c0": ("float32", [n, h])}},
         "decoder_step": {"inputs": {"tokens": ("int64", [n, k]), "origin": ("int64", [n, k]),
                                     "h": ("float32", [n, kp, h]), "c": ("float32", [n, kp, h]),
-                                    "features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a])},
+                                    "features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a]),
+                                    "ban_ids": ("int64", [n, k, "banned"]), "penalty_ids": ("int64", [n, k, "penalized"]),
+                                    "penalty": ("float32", [n])},
                          "outputs": {"h_out": ("float32", [n, k, h]), "c_out": ("float32", [n, k, h]),
                                      "alpha": ("float32", [n, k, p]), "cand_logp": ("float32", [n, k, max_beam]),
-                                     "cand_ids": ("int64", [n, k, max_beam])}},
+                                     "cand_ids": ("int64", [n, k, max_beam]), "logp": ("float32", [n, k, v])}},
     }
     for name, graph in (("encoder", enc), ("decoder_step", dec)):
         got = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in graph_io(graph).items()}

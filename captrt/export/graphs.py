@@ -1,8 +1,9 @@
 """Torch modules whose traces are the two exported graphs (see docs/model-format.md).
 
 EncoderGraph:     image uint8 (N, S, S, 3) -> features (N, P, E), att_proj (N, P, A), h0, c0 (N, H)
-DecoderStepGraph: tokens, origin (N, K), h, c (N, K_prev, H), features (N, P, E), att_proj (N, P, A)
-                  -> h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C)
+DecoderStepGraph: tokens, origin (N, K), h, c (N, K_prev, H), features (N, P, E), att_proj (N, P, A),
+                  ban_ids (N, K, B), penalty_ids (N, K, R), penalty (N,)
+                  -> h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C), logp (N, K, V)
 
 Both reuse the CaptionModel's own submodules (no weight copies), so the math is the model's math,
 only rearranged for export: the attention projection of the features is hoisted into the encoder,
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captrt.train.model import IMAGENET_MEAN, IMAGENET_STD, CaptionModel
+from captrt.train.step_controls import apply_step_controls
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -114,7 +116,7 @@ class DecoderStepGraph(nn.Module):
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         return h_new, c_new
 
-    def forward(self, tokens, origin, h, c, features, att_proj):
+    def forward(self, tokens, origin, h, c, features, att_proj, ban_ids, penalty_ids, penalty):
         """See the module docstring for shapes; C = max_beam."""
         n, k = tokens.shape
         hidden = h.shape[2]
@@ -133,10 +135,15 @@ class DecoderStepGraph(nn.Module):
         gate = torch.sigmoid(self.f_beta(h_prev))  # (B, E)
         h_new, c_new = self._lstm_cell(torch.cat([emb, gate * context], dim=1), h_prev, c_prev)
 
-        logp = F.log_softmax(self.fc(h_new).float(), dim=1)  # (B, V), fp32 for the beam scores
+        logits = self.fc(h_new).float()  # (B, V), fp32 for the beam scores
+        # Decoding controls before the top-C selection, so the search over candidates stays exact.
+        theta = penalty.reshape(n, 1, 1).expand(n, k, 1).reshape(n * k, 1)  # (B, 1)
+        logits = apply_step_controls(logits, ban_ids.reshape(n * k, -1), penalty_ids.reshape(n * k, -1), theta)
+        logp = F.log_softmax(logits, dim=1)  # (B, V)
         cand_logp, cand_ids = torch.topk(logp, self.max_beam, dim=1, largest=True, sorted=True)  # (B, C)
         return (h_new.reshape(n, k, hidden), c_new.reshape(n, k, hidden), alpha,
-                cand_logp.reshape(n, k, self.max_beam), cand_ids.reshape(n, k, self.max_beam))
+                cand_logp.reshape(n, k, self.max_beam), cand_ids.reshape(n, k, self.max_beam),
+                logp.reshape(n, k, -1))
 
 
 def example_encoder_inputs(image_size: int, batch: int = 2) -> tuple[torch.Tensor]:
@@ -144,14 +151,18 @@ def example_encoder_inputs(image_size: int, batch: int = 2) -> tuple[torch.Tenso
     return (torch.zeros(batch, image_size, image_size, 3, dtype=torch.uint8),)
 
 
-def example_decoder_inputs(model: CaptionModel, n: int = 2, k: int = 3, k_prev: int = 4):
-    """Tracing inputs with N, K and K_prev all different and > 1, so none is specialized or unified."""
+def example_decoder_inputs(model: CaptionModel, n: int = 2, k: int = 3, k_prev: int = 4, banned: int = 5,
+                           penalized: int = 6):
+    """Tracing inputs with N, K, K_prev, B and R all different and > 1, so none is specialized or unified."""
     cfg = model.config
-    p, e, a, hd = cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim
+    p, e, a, hd, v = cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (n, k), generator=g)
+    tokens = torch.randint(0, v, (n, k), generator=g)
     origin = torch.randint(0, k_prev, (n, k), generator=g)
+    ban_ids = torch.randint(0, v + 1, (n, k, banned), generator=g)  # V is the padding id
+    penalty_ids = torch.randint(0, v + 1, (n, k, penalized), generator=g)
     return (tokens, origin, torch.randn(n, k_prev, hd, generator=g), torch.randn(n, k_prev, hd, generator=g),
-            torch.randn(n, p, e, generator=g), torch.randn(n, p, a, generator=g))
+            torch.randn(n, p, e, generator=g), torch.randn(n, p, a, generator=g), ban_ids, penalty_ids,
+            torch.full((n,), 1.2))
 
 

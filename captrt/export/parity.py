@@ -4,7 +4,7 @@ Two measurements per precision variant:
 1. numeric: encoder outputs and a few decoder steps (several beams, shuffled origins so the
    in-graph gather is exercised), ONNX Runtime end to end vs PyTorch end to end, as max abs and
    max relative differences (relative = max |onnx - torch| / max |torch| per tensor);
-2. captions: the runtime's batched beam search (captrt.runtime.beam, over the two sessions)
+2. captions: the runtime's batched beam search (captrt.runtime.decoding, over the two sessions)
    compared token for token with `reference_beam_search`, plus corpus BLEU-4 of both against
    references.
 """
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from captrt.train.model import CaptionModel, normalize_uint8
+from captrt.runtime.model_dir import DECODER_OUTPUTS
+from captrt.train.step_controls import apply_step_controls
 
 FP32_MAX_REL_DIFF = 1e-3  # fp32 fails parity above this (per tensor, relative to its max magnitude)
 NUMERIC_KEYS = ("features", "att_proj", "h", "c", "alpha", "logp")
@@ -71,9 +73,19 @@ def numeric_parity(model: CaptionModel, encoder, decoder, images: np.ndarray, st
         hp, cp = torch.gather(h_t, 1, idx).reshape(n * k, hidden), torch.gather(c_t, 1, idx).reshape(n * k, hidden)
         enc_rows = feats_t.repeat_interleave(k, dim=0)  # the reference's per-beam copy of the features
         hn, cn, logits, alpha = dec.step(torch.from_numpy(tokens.reshape(-1)), enc_rows, None, hp, cp)
+        # Decoding controls in use (random bans and penalized words, theta 1.3): the in-graph processing
+        # is checked against the torch function the torch engine runs.
+        v = logits.shape[1]
+        ban = rng.integers(0, v + 1, size=(n, k, 3)).astype(np.int64)
+        pen = rng.integers(0, v + 1, size=(n, k, 4)).astype(np.int64)
+        theta = np.full(n, 1.3, np.float32)
+        logits = apply_step_controls(logits, torch.from_numpy(ban.reshape(n * k, -1)),
+                                     torch.from_numpy(pen.reshape(n * k, -1)),
+                                     torch.from_numpy(theta).repeat_interleave(k)[:, None])
         logp_t = F.log_softmax(logits, dim=1)  # (N*K, V)
-        h, c, alpha_o, cand_logp, cand_ids = decoder.run(None, {
-            "tokens": tokens, "origin": origin, "h": h, "c": c, "features": feats, "att_proj": att_proj})
+        h, c, alpha_o, cand_logp, cand_ids = decoder.run(list(DECODER_OUTPUTS), {
+            "tokens": tokens, "origin": origin, "h": h, "c": c, "features": feats, "att_proj": att_proj,
+            "ban_ids": ban, "penalty_ids": pen, "penalty": theta})
         record("h", h, hn.reshape(n, k, hidden))
         record("c", c, cn.reshape(n, k, hidden))
         record("alpha", alpha_o, alpha.reshape(n, k, -1))
@@ -132,8 +144,8 @@ def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int
                       beam_size: int, max_steps: int, tick: Callable[[], None] | None = None,
                       batch: int = PARITY_BATCH) -> list:
     """BeamResults (tokens, score, finished) of uint8 images (M, S, S, 3) by the runtime's own batched
-    beam search (captrt.runtime.beam) over the two sessions: the parity gate checks what users run."""
-    from captrt.runtime.beam import beam_search
+    beam search (captrt.runtime.decoding) over the two sessions: the parity gate checks what users run."""
+    from captrt.runtime.decoding.beam import beam_search
     from captrt.runtime.engines.ort import SessionEngine
 
     engine = SessionEngine(encoder, decoder, candidates(decoder))

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from captrt.runtime.beam import beam_search
+from captrt.runtime.decoding import DecodingOptionError, DecodingOptions, Hypothesis, beam_search, sample_search
+from captrt.runtime.decoding.options import GRAPH_OPTIONS
 from captrt.runtime.engines import create_engine
 from captrt.runtime.engines.base import Engine
 from captrt.runtime.model_dir import ModelDir
@@ -42,6 +43,8 @@ class Caption:
     finished; nan on error). attention: float32 (T, grid, grid), T = len(tokens), when asked.
     error: why the image could not be captioned, else None. finished: False when max_steps ended
     the search before any hypothesis emitted <end> (the best unfinished one is returned).
+    hypotheses: num_hypotheses CaptionHypothesis, ranked ([0] is this caption; with sampling, the
+    samples in draw order); token_scores: per-word log-probs when return_scores was asked.
     """
 
     text: str
@@ -50,24 +53,55 @@ class Caption:
     attention: np.ndarray | None = field(default=None, repr=False)
     error: str | None = None
     finished: bool = True
+    hypotheses: list["CaptionHypothesis"] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def to_dict(self, attention: bool = False) -> dict[str, Any]:
+    @property
+    def token_scores(self) -> list[float] | None:
+        return self.hypotheses[0].token_scores if self.hypotheses else None
+
+    def to_dict(self, attention: bool = False, hypotheses: bool = False) -> dict[str, Any]:
         """JSON-ready: {"caption", "tokens", "score", "finished", "error"} (+ "attention" as nested
-        (T, grid, grid) lists when asked and present). An unreadable image has caption/score None."""
+        (T, grid, grid) lists when asked and present; + "token_scores" when scored; + "hypotheses" as a
+        list of {"caption", "tokens", "score", "token_scores", "finished"} when asked). An unreadable
+        image has caption/score None."""
         if self.error is not None:
             record: dict[str, Any] = {"caption": None, "tokens": [], "score": None, "finished": False,
                                       "error": self.error}
         else:
-            score = self.score if math.isfinite(self.score) else None
-            record = {"caption": self.text, "tokens": list(self.tokens), "score": score,
+            record = {"caption": self.text, "tokens": list(self.tokens), "score": _finite(self.score),
                       "finished": self.finished, "error": None}
+            if self.token_scores is not None:
+                record["token_scores"] = [_finite(x) for x in self.token_scores]
         if attention:
             record["attention"] = self.attention.tolist() if self.attention is not None else None
+        if hypotheses:
+            record["hypotheses"] = [h.to_dict() for h in self.hypotheses]
         return record
+
+
+@dataclass
+class CaptionHypothesis:
+    """One of an image's hypotheses: text, tokens, score, token_scores (or None), finished."""
+
+    text: str
+    tokens: list[int]
+    score: float
+    token_scores: list[float] | None
+    finished: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        scores = None if self.token_scores is None else [_finite(x) for x in self.token_scores]
+        return {"caption": self.text, "tokens": list(self.tokens), "score": _finite(self.score),
+                "token_scores": scores, "finished": self.finished}
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinities: a -inf log-prob (a banned word forced by a prefix) is written as null."""
+    return float(x) if math.isfinite(x) else None
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -176,22 +210,46 @@ class Captioner:
             self.caption([blank] * n, beam_size=beam_size, max_steps=2, batch_size=n)
 
     def caption(self, images: Any, beam_size: int = 5, max_steps: int = 50, length_penalty: float = 0.0,
-                return_attention: bool = False, batch_size: int = 16) -> list[Caption]:
+                return_attention: bool = False, batch_size: int = 16, *, num_hypotheses: int = 1,
+                return_scores: bool = False, suppress: Sequence[str] = (), disable_unk: bool = False,
+                min_length: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                prefix: Sequence[str] = (), sample: bool = False, sampling_topk: int = 0,
+                sampling_topp: float = 1.0, sampling_temperature: float = 1.0,
+                seed: int | None = None) -> list[Caption]:
         """Caption one image or many; always returns a list, one Caption per input, in order.
 
         images: path, bytes, binary file object, PIL image, uint8 array (H, W, 3), a (N, H, W, 3)
         array, or a list of any of these. An image that cannot be read gets Caption.error and does
         not stop the others. length_penalty: GNMT alpha applied when choosing among completed
         hypotheses (0 = raw log-probability, the seed's rule). batch_size: images per engine batch.
+        The decoding controls (num_hypotheses ... seed) are DecodingOptions' (README "Decoding
+        controls"); a bad value raises DecodingOptionError (a ValueError) naming the field.
         """
-        beam_size = _check_int("beam_size", beam_size, 1, self.max_beam, f" (the model's max_beam is {self.max_beam})")
-        max_steps = _check_int("max_steps", max_steps, 1)
+        options = DecodingOptions.build(
+            beam_size=beam_size, max_steps=max_steps, length_penalty=length_penalty, num_hypotheses=num_hypotheses,
+            return_scores=return_scores, suppress=suppress, disable_unk=disable_unk, min_length=min_length,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix,
+            sample=sample, sampling_topk=sampling_topk, sampling_topp=sampling_topp,
+            sampling_temperature=sampling_temperature, seed=seed)
+        return self.caption_with(images, options, return_attention=return_attention, batch_size=batch_size)
+
+    def check_options(self, options: DecodingOptions, max_steps: int | None = None) -> DecodingOptions:
+        """Validate options against this model and engine (DecodingOptionError names the field)."""
+        options.check(self.vocab, max_beam=self.max_beam, max_steps=max_steps)
+        if options.needs_graph_controls and not self.engine.controls:
+            used = sorted(k for k in options.changed() if k in GRAPH_OPTIONS)
+            raise DecodingOptionError(used[0], f"{self.model.path} is in model format version "
+                                      f"{self.model.format_version}, whose step graph has no decoding controls "
+                                      f"({', '.join(used)}): re-export it with `captrt export` to use them")
+        return options
+
+    def caption_with(self, images: Any, options: DecodingOptions, *, return_attention: bool = False,
+                     batch_size: int = 16) -> list[Caption]:
+        """caption() with a DecodingOptions (what the CLI and the service build once per request)."""
+        self.check_options(options)
         batch_size = _check_int("batch_size", batch_size, 1)
         if self.engine.max_batch is not None:
             batch_size = min(batch_size, self.engine.max_batch)
-        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-                or not math.isfinite(length_penalty) or length_penalty < 0:
-            raise ValueError(f"length_penalty must be a finite number >= 0, got {length_penalty!r}")
         sources = _as_list(images)
         out: list[Caption | None] = [None] * len(sources)
         pixels: list[np.ndarray] = []  # decoded images waiting for a batch: memory stays O(batch_size)
@@ -203,19 +261,31 @@ class Captioner:
             except InvalidImageError as exc:
                 out[i] = Caption("", [], float("nan"), None, str(exc) or f"{describe_source(src)}: unreadable image", False)
             if len(pixels) == batch_size or (i == len(sources) - 1 and pixels):
-                self._run(np.stack(pixels), where, out, beam_size, max_steps, float(length_penalty), return_attention)
+                self._run(np.stack(pixels), where, out, options, return_attention)
                 pixels, where = [], []
         return out  # type: ignore[return-value]
 
-    def _run(self, batch: np.ndarray, where: list[int], out: list, beam_size: int, max_steps: int,
-             length_penalty: float, return_attention: bool) -> None:
-        results = beam_search(self.engine, batch, start=self.vocab.start, end=self.vocab.end,
-                              vocab_size=len(self.vocab), beam_size=beam_size, max_steps=max_steps,
-                              length_penalty=length_penalty, return_attention=return_attention)
+    def _run(self, batch: np.ndarray, where: list[int], out: list, o: DecodingOptions,
+             return_attention: bool) -> None:
+        v = self.vocab
+        rules = o.resolve(v) if o.needs_graph_controls else None
+        common = dict(start=v.start, end=v.end, vocab_size=len(v), max_steps=o.max_steps, rules=rules,
+                      return_attention=return_attention, return_scores=o.return_scores)
+        if o.sample:
+            results = sample_search(self.engine, batch, num_samples=o.num_hypotheses, sampling_topk=o.sampling_topk,
+                                    sampling_topp=o.sampling_topp, sampling_temperature=o.sampling_temperature,
+                                    seed=o.seed, **common)
+        else:
+            results = beam_search(self.engine, batch, beam_size=o.beam_size, length_penalty=o.length_penalty,
+                                  num_hypotheses=o.num_hypotheses, **common)
         g = self.model.grid
         for i, r in zip(where, results):
             attention = r.alphas.reshape(len(r.tokens), g, g) if r.alphas is not None else None
-            out[i] = Caption(self.text(r.tokens), r.tokens, r.score, attention, None, r.finished)
+            hyps = [self._hypothesis(h) for h in r.hypotheses]
+            out[i] = Caption(self.text(r.tokens), r.tokens, r.score, attention, None, r.finished, hyps)
+
+    def _hypothesis(self, h: Hypothesis) -> CaptionHypothesis:
+        return CaptionHypothesis(self.text(h.tokens), h.tokens, h.score, h.token_scores, h.finished)
 
     def text(self, tokens: Iterable[int]) -> str:
         return " ".join(self.vocab.decode(tokens))

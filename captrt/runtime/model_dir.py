@@ -1,4 +1,4 @@
-"""Read and validate a model directory (docs/model-format.md, format version 1).
+"""Read and validate a model directory (docs/model-format.md, format versions 1 and 2).
 
 `ModelDir.load` checks the manifest, the vocabulary and that every listed graph file exists;
 `read_graph` returns a graph's bytes after checking its sha256 and refusing external data, so the
@@ -19,17 +19,24 @@ from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
 from captrt.vocab import Vocab
 
 FORMAT = "captrt-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the exporter writes: 2 added the step graph's decoding controls
+READABLE_VERSIONS = (1, 2)  # version 1 directories still load and decode the default path
 MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
 GRAPHS = ("encoder", "decoder_step")
 # The graphs' tensor names (docs/model-format.md): the exporter writes them, every engine reads them.
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-DECODER_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
-DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")
+DECODER_STATE_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
+CONTROL_INPUTS = ("ban_ids", "penalty_ids", "penalty")  # format version 2: logit processing per slot
+DECODER_INPUTS = DECODER_STATE_INPUTS + CONTROL_INPUTS
+DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")  # what every step fetches
+LOGP_OUTPUT = "logp"  # format version 2: (N, K, V) processed log-probs, fetched for prefixes and sampling
 GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_INPUTS}
-GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS}
+GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS + (LOGP_OUTPUT,)}
+# Format version 1: the step graph without decoding controls.
+V1_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_STATE_INPUTS}
+V1_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS}
 _MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
 
 
@@ -64,6 +71,15 @@ class ModelDir:
     def model_id(self) -> str:
         """'<directory name>@<first 12 hex of captrt.json's sha256>': changes whenever any graph changes."""
         return f"{self.path.name}@{self.manifest_sha256[:12]}"
+
+    @property
+    def format_version(self) -> int:
+        return int(self.manifest.get("format_version", FORMAT_VERSION))
+
+    @property
+    def controls(self) -> bool:
+        """True when the step graph takes decoding controls (format version 2 and later)."""
+        return self.format_version >= 2
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -138,11 +154,13 @@ class ModelDir:
         output names, cand_logp's static last dimension or None), exactly the format's inputs, at
         least its outputs, and C = captrt.json's max_beam. Raises ModelDirError naming each file."""
         problems = []
+        want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if self.controls else (V1_INPUTS, V1_OUTPUTS)
         for graph, (inputs, outputs, cand) in ios.items():
             where = self.graph_path(variant, graph)
-            if sorted(inputs) != sorted(GRAPH_INPUTS[graph]):
-                problems.append(f"{where}: inputs {inputs} (expected {list(GRAPH_INPUTS[graph])})")
-            missing = [n for n in GRAPH_OUTPUTS[graph] if n not in outputs]
+            if sorted(inputs) != sorted(want_in[graph]):
+                problems.append(f"{where}: inputs {inputs} (expected {list(want_in[graph])} for format version "
+                                f"{self.format_version})")
+            missing = [n for n in want_out[graph] if n not in outputs]
             if missing:
                 problems.append(f"{where}: outputs lack {missing}")
             if cand is not None and cand != self.max_beam:
@@ -189,9 +207,10 @@ class ModelDir:
         if manifest.get("format") != FORMAT:
             raise ModelDirError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ModelDirError(f"{mpath}: format_version {version!r} is not supported (this captrt reads "
-                                f"{FORMAT_VERSION}); use a matching captrt version or re-export the model")
+                                f"{', '.join(map(str, READABLE_VERSIONS))}); use a matching captrt version or "
+                                "re-export the model")
         model_dir = cls._from_manifest(root, mpath, manifest)
         model_dir.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         return model_dir

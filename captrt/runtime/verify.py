@@ -155,7 +155,7 @@ def search_tokens(engine: "Engine", images: np.ndarray, *, start: int, end: int,
                   max_steps: int, batch_size: int = VERIFY_BATCH,
                   on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """The runtime's batched beam search over uint8 images (M, S, S, 3) -> word ids per image."""
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
 
     out: list[list[int]] = []
     limit = min(batch_size, engine.max_batch or batch_size)

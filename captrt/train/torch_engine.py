@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from captrt.hashing import sha256_file
-from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
+from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.train.torch_step import EncoderGraph, StepGraph
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
@@ -121,14 +121,23 @@ class TorchEngine(Engine):
         n = images.shape[0]
         return TorchState(batch=n, beams=1, features=features, att_proj=att_proj, h=h0.unsqueeze(1), c=c0.unsqueeze(1))
 
-    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+    @property
+    def controls(self) -> bool:
+        return True  # the checkpoint's modules take every decoding control, whatever the directory's format
+
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
+             controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         assert isinstance(state, TorchState)
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self._device)
             o = torch.from_numpy(np.ascontiguousarray(origin, dtype=np.int64)).to(self._device)
-            h, c, alpha, logp, ids = self._step(t, o, state.h, state.c, state.features, state.att_proj)
+            extra = () if controls is None else tuple(torch.from_numpy(a).to(self._device) for a in
+                                                      (controls.ban_ids, controls.penalty_ids, controls.penalty))
+            h, c, alpha, cand_logp, ids, logp = self._step(t, o, state.h, state.c, state.features, state.att_proj,
+                                                           *extra)
         state.h, state.c, state.beams = h, c, tokens.shape[1]
-        return StepOutput(logp.cpu().numpy(), ids.cpu().numpy(), alpha.cpu().numpy() if want_alpha else None)
+        return StepOutput(cand_logp.cpu().numpy(), ids.cpu().numpy(), alpha.cpu().numpy() if want_alpha else None,
+                          logp.cpu().numpy() if want_logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, TorchState)

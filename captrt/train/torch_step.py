@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captrt.train.model import CaptionModel, normalize_uint8
+from captrt.train.step_controls import apply_step_controls
 
 
 class EncoderGraph(nn.Module):
@@ -32,8 +33,9 @@ class EncoderGraph(nn.Module):
 class StepGraph(nn.Module):
     """One step for N images x K slots; see decoder_step.onnx for the contract.
 
-    tokens, origin (N, K) int64; h, c (N, K_prev, H); features (N, P, E); att_proj (N, P, A) ->
-    h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C).
+    tokens, origin (N, K) int64; h, c (N, K_prev, H); features (N, P, E); att_proj (N, P, A);
+    ban_ids (N, K, B), penalty_ids (N, K, R) int64, penalty (N,) float32 (None: no processing) ->
+    h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C), logp (N, K, V).
     """
 
     def __init__(self, model: CaptionModel, candidates: int):
@@ -41,7 +43,7 @@ class StepGraph(nn.Module):
         self.decoder = model.decoder
         self.candidates = candidates
 
-    def forward(self, tokens, origin, h, c, features, att_proj):
+    def forward(self, tokens, origin, h, c, features, att_proj, ban_ids=None, penalty_ids=None, penalty=None):
         d = self.decoder
         n, k = tokens.shape
         hidden = h.shape[2]
@@ -55,7 +57,11 @@ class StepGraph(nn.Module):
         gate = torch.sigmoid(d.f_beta(h))
         x = torch.cat([d.embedding(tokens), gate * context], dim=2).reshape(n * k, -1)
         h2, c2 = d.decode_step(x, (h.reshape(n * k, hidden), c.reshape(n * k, hidden)))
-        logp = F.log_softmax(d.fc(h2), dim=1)
+        logits = d.fc(h2)  # (B, V)
+        if ban_ids is not None:
+            theta = penalty.reshape(n, 1, 1).expand(n, k, 1).reshape(n * k, 1)
+            logits = apply_step_controls(logits, ban_ids.reshape(n * k, -1), penalty_ids.reshape(n * k, -1), theta)
+        logp = F.log_softmax(logits, dim=1)
         cand_logp, cand_ids = logp.topk(self.candidates, dim=1, largest=True, sorted=True)
         return (h2.reshape(n, k, hidden), c2.reshape(n, k, hidden), alpha,
-                cand_logp.reshape(n, k, -1), cand_ids.reshape(n, k, -1))
+                cand_logp.reshape(n, k, -1), cand_ids.reshape(n, k, -1), logp.reshape(n, k, -1))

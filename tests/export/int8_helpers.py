@@ -1,5 +1,5 @@
 """Graphs and captions for the int8 tests: tiny checkpoints traced exactly as the exporter traces them,
-and the runtime's batched beam search (captrt.runtime.beam over SessionEngine) on ONNX Runtime's CPU provider."""
+and the runtime's batched beam search (captrt.runtime.decoding over SessionEngine) on ONNX Runtime's CPU provider."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ def trace_graphs(checkpoint: str | Path, max_beam: int = MAX_BEAM) -> tuple[onnx
     from captrt.export.exporter import DECODER_DIMS, ENCODER_DIMS
     from captrt.export.graphs import DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs
     from captrt.export.onnx_export import export_onnx
-    from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+    from captrt.runtime.model_dir import DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
     from captrt.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint).build_model().eval()
     enc = export_onnx(EncoderGraph(model), example_encoder_inputs(model.config.image_size),
                       input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS, dynamic_dims=ENCODER_DIMS, opset=17)
     dec = export_onnx(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), input_names=DECODER_INPUTS,
-                      output_names=DECODER_OUTPUTS, dynamic_dims=DECODER_DIMS, opset=17)
+                      output_names=GRAPH_OUTPUTS["decoder_step"], dynamic_dims=DECODER_DIMS, opset=17)
     return enc, dec
 
 
@@ -36,7 +36,7 @@ def session(graph: onnx.ModelProto, threads: int = 1):
 def captions(enc: onnx.ModelProto, dec: onnx.ModelProto, images: np.ndarray, vocab, *, batch: int,
              beam: int = MAX_BEAM, max_steps: int = 20) -> list[list[int]]:
     """Word ids per image (uint8 (M, S, S, 3)) by the runtime's beam search, `batch` images per search."""
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
     from captrt.runtime.engines.ort import SessionEngine
 
     engine = SessionEngine(session(enc), session(dec), MAX_BEAM)

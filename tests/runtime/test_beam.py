@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captrt.runtime.beam import _select, beam_search, length_penalty_factor
+from captrt.runtime.decoding.beam import _select, beam_search, length_penalty_factor
 from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
 
 START, END, V = 5, 4, 6
@@ -71,7 +71,7 @@ def chain_table(**edges) -> np.ndarray:
 def test_select_orders_ties_by_slot_then_word():
     scores = np.array([[[-1.0, -2.0], [-1.0, -1.0]]], np.float32)  # slot 0: words 3, 1; slot 1: words 2, 0
     ids = np.array([[[3, 1], [2, 0]]])
-    slot, word, score = _select(scores, ids, 3)
+    slot, word, score, _ = _select(scores, ids, 3)
     # -1.0 three times: (slot 0, word 3), (slot 1, word 0), (slot 1, word 2) in (slot, word) order
     assert slot.tolist() == [[0, 1, 1]] and word.tolist() == [[3, 0, 2]]
     assert score.tolist() == [[-1.0, -1.0, -1.0]]
@@ -81,7 +81,7 @@ def test_select_never_picks_dead_slots_before_live_ones():
     scores = np.array([[[-np.inf, -np.inf], [-np.inf, -np.inf]]], np.float32)
     scores[0, 0, 0] = -3.0
     ids = np.array([[[1, 2], [1, 2]]])
-    slot, word, _ = _select(scores, ids, 2)
+    slot, word, _, _ = _select(scores, ids, 2)
     assert slot[0, 0] == 0 and word[0, 0] == 1
     assert slot[0, 1] == 0  # the -inf tie goes to the live slot 0 first, not to dead slot 1
 
@@ -158,7 +158,7 @@ def test_select_matches_lexsort_order_on_random_ties():
         scores = rng.choice(values, size=(n, k, c))
         ids = rng.integers(0, 30, (n, k, c))
         keep = int(rng.integers(1, k * c + 1))
-        slot, word, score = _select(scores, ids, keep)
+        slot, word, score, _ = _select(scores, ids, keep)
         slots = np.broadcast_to(np.arange(k)[None, :, None], (n, k, c)).reshape(n, -1)
         for r in range(n):
             o = np.lexsort((ids.reshape(n, -1)[r], slots[r], -scores.reshape(n, -1)[r]))[:keep]

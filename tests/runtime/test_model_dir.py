@@ -83,7 +83,7 @@ def test_unreadable_manifest(model_copy):
 
 @pytest.mark.parametrize("field,value,message", [
     ("format", "something-else", "format 'something-else' is not 'captrt-model'"),
-    ("format_version", 2, "format_version 2 is not supported"),
+    ("format_version", 3, "format_version 3 is not supported"),
     ("format_version", None, "format_version None is not supported"),
     ("max_beam", 0, "max_beam: expected a positive integer"),
     ("grid", 7, "grid 7 differs from model.enc_size"),

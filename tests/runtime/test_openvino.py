@@ -83,7 +83,7 @@ def test_info_and_numerics_report_what_ran(varied_model_dir):
 def test_every_placement_is_selectable_and_reported(varied_model_dir):
     model = ModelDir.load(varied_model_dir)
     images = random_images(4, seed=5)
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
 
     def run(engine):
         res = beam_search(engine, images, start=model.vocab.start, end=model.vocab.end, vocab_size=model.vocab_size,

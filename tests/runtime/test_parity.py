@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from captrt.runtime import Captioner
-from captrt.runtime.beam import beam_search
+from captrt.runtime.decoding.beam import beam_search
 from captrt.runtime.engines import create_engine
 from captrt.runtime.engines.base import Engine
 from captrt.runtime.engines.ort import HostState

@@ -292,7 +292,7 @@ def test_steps_and_select_match_onnx_runtime(engines, gpu_model):
 
 @pytest.mark.tensorrt
 def test_beam_search_matches_onnx_runtime_and_reuses_workspaces(engines, gpu_model):
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
 
     trt_e, ort_e = engines
     v = gpu_model.vocab
@@ -319,7 +319,7 @@ def test_bad_inputs_are_clear_errors(engines):
 
 @pytest.mark.tensorrt
 def test_threads_get_their_own_contexts_and_agree(engines, gpu_model):
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
 
     trt_e, _ = engines
     v = gpu_model.vocab
@@ -360,7 +360,7 @@ def test_engines_are_cached_and_verified(gpu_model, tmp_path):
 
 
 def _agreement(engine, reference, vocab, seeds=(0, 1)) -> float:
-    from captrt.runtime.beam import beam_search
+    from captrt.runtime.decoding.beam import beam_search
 
     kw = dict(start=vocab.start, end=vocab.end, vocab_size=len(vocab), beam_size=3, max_steps=12)
     pairs = [(a.tokens, b.tokens) for s in seeds

@@ -1,14 +1,16 @@
 """The engine interface: what the beam search needs from a backend (ONNX Runtime, TensorRT, PyTorch).
 
 An engine runs the two graphs of a model directory (docs/model-format.md) and nothing else: the
-search itself (captrt.runtime.beam) is numpy on the host and identical for every engine. The
+search itself (captrt.runtime.decoding) is numpy on the host and identical for every engine. The
 per-call decoding state lives in a `DecodeState` the engine creates in `encode` and the search
 passes back to `step`/`select`, so an engine may keep h, c, features and att_proj wherever it
 likes (host arrays, CUDA OrtValues, TensorRT device buffers) and only the small per-step arrays
 cross the host/device boundary:
 
-    up:   tokens (N, K) int64, origin (N, K) int64, rows (N',) int64
-    down: cand_logp (N, K, C) float32, cand_ids (N, K, C) int64, alpha (N, K, P) float32 (if asked)
+    up:   tokens (N, K) int64, origin (N, K) int64, rows (N',) int64, and with decoding controls
+          (format version 2) ban_ids (N, K, B) int64, penalty_ids (N, K, R) int64, penalty (N,) float32
+    down: cand_logp (N, K, C) float32, cand_ids (N, K, C) int64, alpha (N, K, P) float32 (if asked),
+          logp (N, K, V) float32 (if asked: prefix forcing and sampling)
 
 Contract, in the order the search calls it (one decode of one batch of images):
 
@@ -55,17 +57,36 @@ class DecodeState:
 
 
 @dataclass
+class StepControls:
+    """Per-slot logit processing for one step (captrt.runtime.decoding.processing builds it).
+
+    ban_ids:     int64 (N, K, B) words set to -inf; padding is V (the vocabulary size).
+    penalty_ids: int64 (N, K, R) words under the repetition penalty; padding V.
+    penalty:     float32 (N,) theta per image (1 = none).
+    """
+
+    ban_ids: np.ndarray
+    penalty_ids: np.ndarray
+    penalty: np.ndarray
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {"ban_ids": self.ban_ids, "penalty_ids": self.penalty_ids, "penalty": self.penalty}
+
+
+@dataclass
 class StepOutput:
     """What one decoder step brings back to the host.
 
-    cand_logp: float32 (N, K, C), top-C log_softmax per slot, sorted descending.
+    cand_logp: float32 (N, K, C), top-C processed log_softmax per slot, sorted descending.
     cand_ids:  int64   (N, K, C), their word ids.
     alpha:     float32 (N, K, P) attention that produced this step's words, or None when not asked.
+    logp:      float32 (N, K, V) every word's processed log_softmax, or None when not asked.
     """
 
     cand_logp: np.ndarray
     cand_ids: np.ndarray
     alpha: np.ndarray | None = None
+    logp: np.ndarray | None = None
 
 
 class Engine(ABC):
@@ -103,14 +124,23 @@ class Engine(ABC):
         """images uint8 (N, S, S, 3) RGB -> a state holding features (N, P, E), att_proj (N, P, A),
         h/c = h0/c0 as (N, 1, H); state.batch == N, state.beams == 1."""
 
+    @property
+    def controls(self) -> bool:
+        """True when the step graph takes decoding controls (ban_ids, penalty_ids, penalty; the logp
+        output): model format version 2. Older directories decode the default path only."""
+        return self.model is not None and self.model.controls
+
     @abstractmethod
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *,
-             want_alpha: bool = False) -> StepOutput:
+             want_alpha: bool = False, controls: StepControls | None = None,
+             want_logp: bool = False) -> StepOutput:
         """One decoder step for N images x K slots.
 
         tokens, origin: int64 (N, K), C-contiguous; 0 <= origin < state.beams. Slot k of image n
         continues slot origin[n, k] of the incoming h/c with word tokens[n, k]. Afterwards the
-        state holds the new h/c (N, K, H) and state.beams == K.
+        state holds the new h/c (N, K, H) and state.beams == K. controls: the logit processing
+        (None: none; engines with `controls` then feed neutral values); want_logp: return logp.
+        Both need `self.controls`.
         """
 
     @abstractmethod

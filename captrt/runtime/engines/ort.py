@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
+from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import DECODER_OUTPUTS, ENCODER_OUTPUTS
+from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
@@ -75,6 +75,13 @@ def tensorrt_options(model: "ModelDir", precision: str, max_batch: int, opt_batc
                 "trt_profile_max_shapes": shapes(g, 2)} for g in ("encoder", "decoder_step")}
 
 
+def input_names(graph: Any) -> list[str]:
+    """Input names of an ONNX Runtime session or of a runner with io() (OpenVINO's OvGraph/OrtGraph)."""
+    if hasattr(graph, "get_inputs"):
+        return [i.name for i in graph.get_inputs()]
+    return list(graph.io()[0])
+
+
 class _Closed:
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError("this Captioner/engine was closed")
@@ -92,6 +99,8 @@ class SessionEngine(Engine):
                  device: str = "cpu", precision: str = "fp32", threads: int | None = None):
         super().__init__(model, device=device, precision=precision, threads=threads)  # type: ignore[arg-type]
         self.encoder, self.decoder, self._max_beam = encoder, decoder, int(max_beam)
+        self._controls = set(CONTROL_INPUTS) <= set(input_names(decoder))  # format version 2's step graph
+        self._vocab_size = model.vocab_size if model is not None else None
 
     @property
     def max_beam(self) -> int:
@@ -111,14 +120,43 @@ class SessionEngine(Engine):
         return HostState(batch=n, beams=1, features=features, att_proj=att_proj,
                          h=h0.reshape(n, 1, -1), c=c0.reshape(n, 1, -1))
 
-    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+    @property
+    def controls(self) -> bool:
+        return self._controls
+
+    def control_feeds(self, tokens: np.ndarray, controls: StepControls | None,
+                      want_logp: bool) -> dict[str, np.ndarray]:
+        """The control inputs of one step: `controls`, or neutral ones on the default path (an old-format
+        graph has none, and then asking for controls or logp is an error)."""
+        if not self._controls:
+            if controls is not None or want_logp:
+                raise ValueError("this step graph has no decoding controls (model format version 1): "
+                                 "re-export the model with this captrt to use them")
+            return {}
+        if controls is None:
+            from captrt.runtime.decoding.processing import neutral_controls
+
+            controls = neutral_controls(*tokens.shape, self.vocab_size)
+        return controls.feeds()
+
+    @property
+    def vocab_size(self) -> int:
+        """V, the padding id of the control inputs."""
+        if self._vocab_size is None:
+            self._vocab_size = int(next(o.shape[-1] for o in self.decoder.get_outputs() if o.name == LOGP_OUTPUT))
+        return self._vocab_size
+
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
+             controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         assert isinstance(state, HostState)
         feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64),
                  "origin": np.ascontiguousarray(origin, dtype=np.int64), "h": state.h, "c": state.c,
-                 "features": state.features, "att_proj": state.att_proj}
-        h, c, alpha, cand_logp, cand_ids = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+                 "features": state.features, "att_proj": state.att_proj,
+                 **self.control_feeds(tokens, controls, want_logp)}
+        names = list(DECODER_OUTPUTS) + ([LOGP_OUTPUT] if want_logp else [])
+        h, c, alpha, cand_logp, cand_ids, *logp = self.decoder.run(names, feeds)
         state.h, state.c, state.beams = h, c, tokens.shape[1]
-        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None)
+        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None, logp[0] if logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, HostState)
@@ -221,11 +259,13 @@ class OrtEngine(SessionEngine):
             return self._cuda.encode(np.ascontiguousarray(images, dtype=np.uint8))
         return super().encode(images)
 
-    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False) -> StepOutput:
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
+             controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         if self._cuda is not None:
             return self._cuda.step(state, np.ascontiguousarray(tokens, dtype=np.int64),
-                                   np.ascontiguousarray(origin, dtype=np.int64), want_alpha)
-        return super().step(state, tokens, origin, want_alpha=want_alpha)
+                                   np.ascontiguousarray(origin, dtype=np.int64), want_alpha,
+                                   self.control_feeds(tokens, controls, want_logp), want_logp)
+        return super().step(state, tokens, origin, want_alpha=want_alpha, controls=controls, want_logp=want_logp)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         if self._cuda is not None:

@@ -90,11 +90,15 @@ class CudaBinding:
         return CudaState(batch=n, beams=1, features=features, att_proj=att_proj,
                          h=h0.reshape(n, 1, h0.shape[-1]), c=c0.reshape(n, 1, c0.shape[-1]))
 
-    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, want_alpha: bool) -> StepOutput:
+    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, want_alpha: bool,
+             controls: dict[str, np.ndarray] | None = None, want_logp: bool = False) -> StepOutput:
+        """controls: the step's control inputs (OrtEngine.control_feeds; empty for a format-1 graph)."""
         assert isinstance(state, CudaState)
         b = self.decoder.io_binding()
         b.bind_cpu_input("tokens", tokens)
         b.bind_cpu_input("origin", origin)
+        for name, value in (controls or {}).items():  # small (N, K, B) id lists go up with the tokens
+            b.bind_cpu_input(name, value)
         for name in ("h", "c", "features", "att_proj"):
             getattr(state, name).bind(b, name, self.device, self.device_id)
         b.bind_output("h_out", self.device, self.device_id)
@@ -103,10 +107,13 @@ class CudaBinding:
         b.bind_output("alpha", *(("cpu", 0) if want_alpha else (self.device, self.device_id)))
         b.bind_output("cand_logp", "cpu")
         b.bind_output("cand_ids", "cpu")
+        if controls:  # a format-2 graph: the (N, K, V) log-probs come down only for prefixes and sampling
+            b.bind_output("logp", *(("cpu", 0) if want_logp else (self.device, self.device_id)))
         self.decoder.run_with_iobinding(b)
-        h, c, alpha, cand_logp, cand_ids = b.get_outputs()
+        h, c, alpha, cand_logp, cand_ids, *logp = b.get_outputs()
         state.h, state.c, state.beams = DeviceTensor.wrap(h), DeviceTensor.wrap(c), tokens.shape[1]
-        return StepOutput(cand_logp.numpy(), cand_ids.numpy(), alpha.numpy() if want_alpha else None)
+        return StepOutput(cand_logp.numpy(), cand_ids.numpy(), alpha.numpy() if want_alpha else None,
+                          logp[0].numpy() if want_logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, CudaState)
