@@ -303,6 +303,7 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="cap on max_steps (default: the model's)"),
           log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
           access_log: bool = typer.Option(False, "--access-log", help="log one line per request"),
+          ui: bool = typer.Option(True, "--ui/--no-ui", help="the web page on / (--no-ui: API only, / is 404)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                 help="serve a precision that has not met the quality budget here")):
     """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
@@ -317,7 +318,7 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          threads=threads, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified)
+                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)
     try:
         code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:

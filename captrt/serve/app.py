@@ -30,6 +30,7 @@ from captrt.runtime import (Caption, Captioner, ImageTooLargeError, InvalidImage
 from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, QueueFullError
 from captrt.serve.config import ServeConfig
 from captrt.serve.metrics import ServeMetrics, route_label
+from captrt.serve.page import ui_router
 from captrt.serve.upload import (BodyTooLargeError, ServeError, Upload, error_status, params_schema,
                                  parse_params, read_uploads, too_large)
 
@@ -215,6 +216,8 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
                   description="Show, Attend and Tell image captioning: batched beam search over ONNX Runtime / TensorRT.")
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
     app.state.captrt = state
+    if config.ui:
+        app.include_router(ui_router())
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:

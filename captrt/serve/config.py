@@ -42,6 +42,7 @@ class ServeConfig:
     max_connections: int = 1024         # uvicorn's limit_concurrency
     log_level: str = "info"
     access_log: bool = False            # one uvicorn line per request; off by default, as metrics cover counts
+    ui: bool = True                     # the web page on GET / (--no-ui: API only)
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value the service cannot run with."""
