@@ -3,10 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The web page's browser tests (tests/serve/test_ui.py) drive Debian's Chromium, never a downloaded one.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install demo test bench bench-serve clean
 
 install: $(STAMP)
+	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "warning: cannot install Debian's chromium (not root?): the browser tests will fail" >&2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
