@@ -28,7 +28,8 @@ from tests.conftest import tiny_vocab
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fake_model_dir(root: Path, *, grid: int = 4, max_beam: int = 6, dims: tuple[int, int, int] = (512, 48, 40)) -> ModelDir:
+def fake_model_dir(root: Path, *, grid: int = 4, max_beam: int = 6, dims: tuple[int, int, int] = (512, 48, 40),
+                   format_version: int = 2) -> ModelDir:
     """A real captrt.json + vocab.json; the graph files exist but are not ONNX (never read here)."""
     root.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
@@ -36,7 +37,7 @@ def fake_model_dir(root: Path, *, grid: int = 4, max_beam: int = 6, dims: tuple[
     for name in ("encoder.onnx", "decoder_step.onnx"):
         (root / name).write_bytes(b"placeholder")
     e, a, h = dims
-    manifest = {"format": "captrt-model", "format_version": 1,
+    manifest = {"format": "captrt-model", "format_version": format_version,
                 "model": {"backbone": "resnet18", "enc_size": grid, "image_size": 256, "encoder_dim": e,
                           "attention_dim": a, "embed_dim": 32, "decoder_dim": h, "vocab_size": len(vocab)},
                 "vocab": {"file": "vocab.json", "size": len(vocab)}, "grid": grid, "max_beam": max_beam,
@@ -114,6 +115,11 @@ def test_profiles_from_a_manifest(tmp_path):
     assert dec["h"] == dec["c"] == ((1, 1, 40), (8, 5, 40), (16, 6, 40))  # K_prev from 1 (h0) to max_beam
     assert dec["features"] == ((1, 16, 512), (8, 16, 512), (16, 16, 512))  # P = grid^2
     assert dec["att_proj"] == ((1, 16, 48), (8, 16, 48), (16, 16, 48))
+    # Decoding controls: id lists of 1 (the default path's padding) up to MAX_CONTROL_IDS per slot.
+    assert dec["ban_ids"] == dec["penalty_ids"] == ((1, 1, 1), (8, 5, 1), (16, 6, tb.MAX_CONTROL_IDS))
+    assert dec["penalty"] == ((1,), (8,), (16,))
+    old = tb.profiles_for_model(fake_model_dir(tmp_path / "v1", format_version=1), max_batch=16)["decoder_step"]
+    assert set(old) == set(tb.V1_INPUTS["decoder_step"])  # a format-1 step graph has no control inputs
 
 
 def test_profile_options_are_checked(tmp_path):

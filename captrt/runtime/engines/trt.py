@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from captrt.runtime.engines import trt_build as tb
-from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
+from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
 
@@ -153,7 +153,7 @@ class TrtEngine(Engine):
                 trt, self._runtime, self._cache, model, graph, source_precision=self._source, key=key,
                 profile=self._profiles[graph], build=self._build)
         self._io = {g: tb.engine_io(trt, e) for g, e in self._engines.items()}
-        tb.check_engine_io(self._io, model.max_beam)
+        tb.check_engine_io(self._io, model.max_beam, model.controls)
         self._layout, self._arena = self._plan()
         self._local = threading.local()
         self._lock = threading.RLock()  # finalizers (state dropped during GC) may re-enter _give_back
@@ -201,6 +201,11 @@ class TrtEngine(Engine):
             shapes[name] = ((nb, kb), dec[name][1])
         for name, last in (("alpha", p), ("cand_logp", kb), ("cand_ids", kb)):
             shapes[name] = ((nb, kb, last), dec[name][1])
+        if m.controls:  # format version 2: control inputs and the (N, K, V) log-probs
+            for name in ("ban_ids", "penalty_ids"):
+                shapes[name] = ((nb, kb, tb.MAX_CONTROL_IDS), dec[name][1])
+            shapes["penalty"] = ((nb,), dec["penalty"][1])
+            shapes["logp"] = ((nb, kb, m.vocab_size), dec["logp"][1])
         layout, total = {}, 0
         for name, (shape, dtype) in shapes.items():
             layout[name] = total
@@ -319,7 +324,7 @@ class TrtEngine(Engine):
         return state
 
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *,
-             want_alpha: bool = False) -> StepOutput:
+             want_alpha: bool = False, controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         ws = self._live(state)
         n, kp, m = state.batch, state.beams, self.model
         for name, arr in (("tokens", tokens), ("origin", origin)):
@@ -337,25 +342,54 @@ class TrtEngine(Engine):
         io, slot = self._io["decoder_step"], self._slot()
         up_t = np.ascontiguousarray(tokens, dtype=io["tokens"][1])  # int32 if the engine says so
         up_o = np.ascontiguousarray(origin, dtype=io["origin"][1])
+        uploads = [(ws.addr["tokens"], up_t), (ws.addr["origin"], up_o)]
+        shapes = [("tokens", (n, k)), ("origin", (n, k)), ("h", (n, kp, hd)), ("c", (n, kp, hd)),
+                  ("features", (n, p, m.dims["encoder_dim"])), ("att_proj", (n, p, m.dims["attention_dim"]))]
+        addresses = {"tokens": ws.addr["tokens"], "origin": ws.addr["origin"], "h": ws.h[ws.cur], "c": ws.c[ws.cur],
+                     "features": ws.addr["features"], "att_proj": ws.addr["att_proj"]}
+        for name, arr in self._control_arrays(n, k, controls, want_logp).items():
+            up = np.ascontiguousarray(arr, dtype=io[name][1])
+            uploads.append((ws.addr[name], up))
+            shapes.append((name, up.shape))
+            addresses[name] = ws.addr[name]
         a, b = ws.cur, 1 - ws.cur
-        with self._on_stream(slot, [(ws.addr["tokens"], up_t), (ws.addr["origin"], up_o)]):
-            for name, shape in (("tokens", (n, k)), ("origin", (n, k)), ("h", (n, kp, hd)), ("c", (n, kp, hd)),
-                                ("features", (n, p, m.dims["encoder_dim"])),
-                                ("att_proj", (n, p, m.dims["attention_dim"]))):
+        with self._on_stream(slot, uploads):
+            for name, shape in shapes:
                 self._set_shape(slot, "dec", name, shape)
             if tuple(slot.dec.get_tensor_shape("cand_logp")) != (n, k, c):
                 raise RuntimeError(f"TensorRT decoder_step: cand_logp is not {(n, k, c)} for these inputs")
-            self._run(slot, slot.dec, {"tokens": ws.addr["tokens"], "origin": ws.addr["origin"], "h": ws.h[a],
-                                       "c": ws.c[a], "features": ws.addr["features"], "att_proj": ws.addr["att_proj"],
-                                       "h_out": ws.h[b], "c_out": ws.c[b], "alpha": ws.addr["alpha"],
-                                       "cand_logp": ws.addr["cand_logp"], "cand_ids": ws.addr["cand_ids"]},
-                      "decoder_step")
+            outputs = {"h_out": ws.h[b], "c_out": ws.c[b], "alpha": ws.addr["alpha"],
+                       "cand_logp": ws.addr["cand_logp"], "cand_ids": ws.addr["cand_ids"]}
+            if m.controls:
+                outputs["logp"] = ws.addr["logp"]  # every output needs an address; it comes down only when asked
+            self._run(slot, slot.dec, {**addresses, **outputs}, "decoder_step")
             logp = self._download(slot, ws.addr["cand_logp"], (n, k, c), io["cand_logp"][1])
             ids = self._download(slot, ws.addr["cand_ids"], (n, k, c), io["cand_ids"][1])
             alpha = self._download(slot, ws.addr["alpha"], (n, k, p), io["alpha"][1]) if want_alpha else None
+            full = self._download(slot, ws.addr["logp"], (n, k, m.vocab_size), io["logp"][1]) if want_logp else None
         ws.cur, state.beams = b, k
         return StepOutput(logp.astype(np.float32, copy=False), ids.astype(np.int64, copy=False),
-                          None if alpha is None else alpha.astype(np.float32, copy=False))
+                          None if alpha is None else alpha.astype(np.float32, copy=False),
+                          None if full is None else full.astype(np.float32, copy=False))
+
+    def _control_arrays(self, n: int, k: int, controls: StepControls | None, want_logp: bool) -> dict[str, np.ndarray]:
+        """The control inputs to upload ({} for a format-1 engine), checked against the profile."""
+        m = self.model
+        if not m.controls:
+            if controls is not None or want_logp:
+                raise ValueError(f"{m.path}: model format version {m.format_version} has no decoding controls: "
+                                 "re-export the model with this captrt to use them")
+            return {}
+        if controls is None:
+            from captrt.runtime.decoding.processing import neutral_controls
+
+            controls = neutral_controls(n, k, m.vocab_size)
+        for name, arr in (("ban_ids", controls.ban_ids), ("penalty_ids", controls.penalty_ids)):
+            if arr.shape[:2] != (n, k) or not 1 <= arr.shape[2] <= tb.MAX_CONTROL_IDS:
+                raise ValueError(f"{name}: shape {arr.shape}; this TensorRT profile takes (N={n}, K={k}, 1.."
+                                 f"{tb.MAX_CONTROL_IDS}) ids per slot (fewer suppressed words, or a smaller "
+                                 "no_repeat_ngram_size / max_steps)")
+        return controls.feeds()
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         ws = self._live(state)

@@ -24,7 +24,7 @@ import numpy as np
 
 from captrt.atomic import atomic_path
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS
+from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS, V1_INPUTS, V1_OUTPUTS
 
 log = logging.getLogger("captrt.runtime.trt")
 
@@ -35,6 +35,9 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 CACHE_FORMAT = "captrt-trt-cache"
 CACHE_VERSION = 1
+# Longest ban_ids / penalty_ids list per slot a TensorRT profile admits (suppress + n-gram bans, or the
+# distinct words of a hypothesis): the engine refuses longer lists with a message naming the option.
+MAX_CONTROL_IDS = 256
 
 
 INSTALL_HINT = ("engine 'trt' needs NVIDIA TensorRT 10 and a CUDA GPU: pip install tensorrt-cu12 cuda-python "
@@ -116,12 +119,14 @@ def trt_logger(trt: Any) -> Any:
 
 def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attention_dim: int, decoder_dim: int,
                    max_beam: int, max_batch: int, opt_batch: int | None = None,
-                   opt_beam: int | None = None) -> dict[str, Profile]:
+                   opt_beam: int | None = None, controls: bool = True) -> dict[str, Profile]:
     """One optimization profile per graph, covering batch 1..max_batch and beam 1..max_beam.
 
     encoder:      image (N, S, S, 3)
     decoder_step: tokens/origin (N, K), h/c (N, K_prev, H), features (N, P, E), att_proj (N, P, A);
-                  K and K_prev range independently over 1..max_beam (K_prev = 1 at the first step).
+                  K and K_prev range independently over 1..max_beam (K_prev = 1 at the first step);
+                  with controls (format version 2) ban_ids/penalty_ids (N, K, 1..MAX_CONTROL_IDS),
+                  optimized for 1 (the default path's padding), and penalty (N,).
     opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width).
     """
     sizes = dict(image_size=image_size, num_pixels=num_pixels, encoder_dim=encoder_dim, attention_dim=attention_dim,
@@ -142,10 +147,12 @@ def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attent
         return (1, *tail), (ob, *tail), (max_batch, *tail)
 
     p = num_pixels
-    return {"encoder": {"image": dyn(image_size, image_size, 3)},
-            "decoder_step": {"tokens": dyn(beam=True), "origin": dyn(beam=True), "h": dyn(decoder_dim, beam=True),
-                             "c": dyn(decoder_dim, beam=True), "features": dyn(p, encoder_dim),
-                             "att_proj": dyn(p, attention_dim)}}
+    step: Profile = {"tokens": dyn(beam=True), "origin": dyn(beam=True), "h": dyn(decoder_dim, beam=True),
+                     "c": dyn(decoder_dim, beam=True), "features": dyn(p, encoder_dim), "att_proj": dyn(p, attention_dim)}
+    if controls:
+        ids = ((1, 1, 1), (ob, ok, 1), (max_batch, max_beam, MAX_CONTROL_IDS))
+        step.update({"ban_ids": ids, "penalty_ids": ids, "penalty": dyn()})
+    return {"encoder": {"image": dyn(image_size, image_size, 3)}, "decoder_step": step}
 
 
 def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = None,
@@ -154,7 +161,7 @@ def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = No
     d = model.dims
     return graph_profiles(image_size=model.image_size, num_pixels=model.num_pixels, encoder_dim=d["encoder_dim"],
                           attention_dim=d["attention_dim"], decoder_dim=d["decoder_dim"], max_beam=model.max_beam,
-                          max_batch=max_batch, opt_batch=opt_batch, opt_beam=opt_beam)
+                          max_batch=max_batch, opt_batch=opt_batch, opt_beam=opt_beam, controls=model.controls)
 
 
 # ---------------------------------------------------------------- cache keys
@@ -380,11 +387,13 @@ def engine_io(trt: Any, engine: Any) -> IoTable:
     return table
 
 
-def check_engine_io(io: Mapping[str, IoTable], max_beam: int) -> None:
-    """Names as in the model format; buffers shared by two tensors agree on dtype; C == max_beam."""
+def check_engine_io(io: Mapping[str, IoTable], max_beam: int, controls: bool = True) -> None:
+    """Names as in the model format (controls: version 2's); buffers shared by two tensors agree on
+    dtype; C == max_beam."""
+    want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if controls else (V1_INPUTS, V1_OUTPUTS)
     for graph, table in io.items():
         ins = {n for n, v in table.items() if v[0]}
-        if ins != set(GRAPH_INPUTS[graph]) or set(table) - ins != set(GRAPH_OUTPUTS[graph]):
+        if ins != set(want_in[graph]) or set(table) - ins != set(want_out[graph]):
             raise ModelDirError(f"{graph}: TensorRT engine has I/O {sorted(table)}, not the model format's")
     enc, dec = io["encoder"], io["decoder_step"]
     for a, b, c in (("features", "features", None), ("att_proj", "att_proj", None),
