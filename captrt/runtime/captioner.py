@@ -63,23 +63,23 @@ class Caption:
     def token_scores(self) -> list[float] | None:
         return self.hypotheses[0].token_scores if self.hypotheses else None
 
-    def to_dict(self, attention: bool = False, hypotheses: bool = False) -> dict[str, Any]:
+    def to_dict(self, attention: bool = False, hypotheses: bool = False, scores: bool = True) -> dict[str, Any]:
         """JSON-ready: {"caption", "tokens", "score", "finished", "error"} (+ "attention" as nested
         (T, grid, grid) lists when asked and present; + "token_scores" when scored; + "hypotheses" as a
-        list of {"caption", "tokens", "score", "token_scores", "finished"} when asked). An unreadable
-        image has caption/score None."""
+        list of {"caption", "tokens", "score", "token_scores", "finished"} when asked; scores=False
+        leaves token scores out). An unreadable image has caption/score None."""
         if self.error is not None:
             record: dict[str, Any] = {"caption": None, "tokens": [], "score": None, "finished": False,
                                       "error": self.error}
         else:
             record = {"caption": self.text, "tokens": list(self.tokens), "score": _finite(self.score),
                       "finished": self.finished, "error": None}
-            if self.token_scores is not None:
+            if scores and self.token_scores is not None:
                 record["token_scores"] = [_finite(x) for x in self.token_scores]
         if attention:
             record["attention"] = self.attention.tolist() if self.attention is not None else None
         if hypotheses:
-            record["hypotheses"] = [h.to_dict() for h in self.hypotheses]
+            record["hypotheses"] = [h.to_dict(scores) for h in self.hypotheses]
         return record
 
 
@@ -93,10 +93,10 @@ class CaptionHypothesis:
     token_scores: list[float] | None
     finished: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        scores = None if self.token_scores is None else [_finite(x) for x in self.token_scores]
+    def to_dict(self, scores: bool = True) -> dict[str, Any]:
+        values = None if self.token_scores is None or not scores else [_finite(x) for x in self.token_scores]
         return {"caption": self.text, "tokens": list(self.tokens), "score": _finite(self.score),
-                "token_scores": scores, "finished": self.finished}
+                "token_scores": values, "finished": self.finished}
 
 
 def _finite(x: float) -> float | None:

@@ -136,9 +136,7 @@ def _decode(captioner: Captioner, upload: Upload) -> tuple[np.ndarray | None, st
 
 def _run_batch(captioner: Captioner) -> Callable[[list[np.ndarray], DecodeParams], list[Caption]]:
     def run(pixels: list[np.ndarray], p: DecodeParams) -> list[Caption]:
-        return captioner.caption(pixels, beam_size=p.beam_size, max_steps=p.max_steps,
-                                 length_penalty=p.length_penalty, return_attention=p.attention,
-                                 batch_size=len(pixels))
+        return captioner.caption_with(pixels, p.decoding(), return_attention=p.attention, batch_size=len(pixels))
     return run
 
 
@@ -311,10 +309,16 @@ async def _caption_request(request: Request, state: ServiceState, futures: list,
     config, captioner, batcher = state.config, state.captioner, state.batcher
     assert captioner is not None and batcher is not None
     loop = asyncio.get_running_loop()
+    query = request.query_params.multi_items()
+
+    def parse(fields: dict[str, str]) -> DecodeParams:
+        return parse_params(query, fields, max_beam=captioner.max_beam, max_steps_cap=state.max_steps_cap,
+                            check=lambda p: captioner.check_options(p.decoding(), max_steps=state.max_steps_cap))
+
     with batcher.incoming():  # the batcher may wait for this request's images while it is read
+        parse({})  # a bad query parameter is answered (422) before the body is read
         uploads, fields = await read_uploads(request, config)
-        params = parse_params(request.query_params.multi_items(), fields, max_beam=captioner.max_beam,
-                              max_steps_cap=state.max_steps_cap)
+        params = parse(fields)
         decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, _decode, captioner, u)
                                          for u in uploads))
         good = [pixels for pixels, _, _ in decoded if pixels is not None]
@@ -345,13 +349,17 @@ async def _caption_request(request: Request, state: ServiceState, futures: list,
         log.error("captioning failed: %s", exc)
         return _error(500, f"captioning failed: {type(exc).__name__}: {exc}")
     out: list[dict[str, Any]] = []
+    controls = dict(params.controls)
+    hypotheses = controls.get("num_hypotheses", 1) > 1 or params.return_scores
     it = iter(captions)
     for upload, (pixels, err, _) in zip(uploads, decoded):
         cap: Caption = next(it) if pixels is not None else Caption("", [], float("nan"), None, err, False)
-        out.append({"name": upload.name, **cap.to_dict(attention=params.attention)})
+        out.append({"name": upload.name, **cap.to_dict(attention=params.attention, hypotheses=hypotheses,
+                                                        scores=params.return_scores)})
     body = {"model": state.info["id"], "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             "params": {"beam_size": params.beam_size, "max_steps": params.max_steps,
-                       "attention": params.attention, "length_penalty": params.length_penalty},
+                       "attention": params.attention, "length_penalty": params.length_penalty,
+                       **dict(params.controls)},
             "captions": out}
     return JSONResponse(body)
 

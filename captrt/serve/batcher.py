@@ -2,7 +2,7 @@
 
 Requests put decoded images (uint8 (S, S, 3)) into a bounded FIFO queue and await one future per
 image. One loop on the event loop forms batches: it looks at the oldest waiting image, gathers up
-to ``max_batch`` images with the same decoding parameters (oldest first) and starts the engine as
+to ``max_batch`` images with the same decoding parameters (DecodeParams.batch_key; oldest first) and starts the engine as
 soon as the batch is full, or the oldest image has waited ``max_wait_s``, or no other request is on its
 way (being received or decoded: see ``incoming``), since then waiting could only add latency. The engine runs on a single
 worker thread (it already uses every core), so the event loop never blocks on inference, and while
@@ -16,7 +16,7 @@ import logging
 from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,12 +26,42 @@ log = logging.getLogger("captrt.serve")
 
 @dataclass(frozen=True)
 class DecodeParams:
-    """What a batch must agree on: images with different parameters never share a search."""
+    """A request's decoding parameters. Images share a search when their `batch_key`s are equal:
+    every parameter but return_scores, which only decides what the response shows (a batch computes
+    token scores when any of its requests asks, and the others' responses leave them out).
+
+    controls: the decoding controls that differ from their defaults (captrt.runtime.decoding), as
+    sorted (name, value) pairs so that the parameters stay hashable and comparable.
+    """
 
     beam_size: int
     max_steps: int
     attention: bool = False
     length_penalty: float = 0.0
+    controls: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def return_scores(self) -> bool:
+        return dict(self.controls).get("return_scores", False)
+
+    @property
+    def batch_key(self) -> "DecodeParams":
+        return replace(self, controls=tuple(kv for kv in self.controls if kv[0] != "return_scores"))
+
+    def decoding(self) -> Any:
+        """The captrt.runtime.decoding.DecodingOptions these parameters ask for."""
+        from captrt.runtime.decoding import DecodingOptions
+
+        return DecodingOptions.build(beam_size=self.beam_size, max_steps=self.max_steps,
+                                     length_penalty=self.length_penalty, **dict(self.controls))
+
+    @classmethod
+    def for_batch(cls, params: Sequence["DecodeParams"]) -> "DecodeParams":
+        """One batch's parameters (equal batch keys): with return_scores when any request asks."""
+        first = params[0]
+        if any(p.return_scores for p in params) and not first.return_scores:
+            return replace(first, controls=tuple(sorted(first.controls + (("return_scores", True),))))
+        return first
 
 
 class QueueFullError(Exception):
@@ -161,7 +191,7 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             head = self._queue[0]
-            same = sum(1 for j in self._queue if j.params == head.params)
+            same = sum(1 for j in self._queue if j.params.batch_key == head.params.batch_key)
             remaining = head.enqueued + self.max_wait_s - loop.time()
             if same >= self.max_batch or remaining <= 0 or self._closing or self._incoming == 0:
                 return True
@@ -173,11 +203,11 @@ class Batcher:
 
     def _take(self) -> list[_Job]:
         """The oldest image's parameters decide; matching images oldest first, others keep their place."""
-        params = self._queue[0].params
+        key = self._queue[0].params.batch_key
         batch: list[_Job] = []
         rest: deque[_Job] = deque()
         for job in self._queue:
-            if len(batch) < self.max_batch and job.params == params:
+            if len(batch) < self.max_batch and job.params.batch_key == key:
                 batch.append(job)
             else:
                 rest.append(job)
@@ -189,7 +219,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while await self._wait_for_batch():
             jobs = self._take()
-            params = jobs[0].params
+            params = DecodeParams.for_batch([j.params for j in jobs])
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(jobs))
             start = loop.time()

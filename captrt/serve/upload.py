@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from captrt.runtime.decoding import DecodingOptions
 from captrt.serve.batcher import DecodeParams
 from captrt.serve.config import RAW_CONTENT_TYPES, ServeConfig
 
-PARAMS = ("beam_size", "max_steps", "attention", "length_penalty")
+# The decoding controls take the names of Captioner.caption's keyword arguments (README "Decoding controls").
+CONTROL_INTS = ("num_hypotheses", "min_length", "no_repeat_ngram_size", "sampling_topk", "seed")
+CONTROL_FLOATS = ("repetition_penalty", "sampling_topp", "sampling_temperature")
+CONTROL_FLAGS = ("return_scores", "disable_unk", "sample")
+CONTROL_WORDS = ("suppress", "prefix")  # space-separated words
+PARAMS = ("beam_size", "max_steps", "attention", "length_penalty") + CONTROL_INTS + CONTROL_FLOATS + CONTROL_FLAGS \
+    + CONTROL_WORDS
 DEFAULT_BEAM = 5
-_TRUE = {"1", "true", "yes", "on"}
+_TRUE = {"1", "true", "yes", "on"}  # attention's spellings (kept as they were)
 _FALSE = {"0", "false", "no", "off"}
 _MAX_FIELD_BYTES = 64 * 1024  # non-file form fields are parameters: a few bytes each
 
@@ -121,11 +128,13 @@ def _one(name: str, values: list[str]) -> str:
 
 
 def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *, max_beam: int,
-                 max_steps_cap: int) -> DecodeParams:
+                 max_steps_cap: int, check: Callable[[DecodeParams], None] | None = None) -> DecodeParams:
     """Query parameters and form fields -> DecodeParams; 422 naming the field for anything wrong.
 
     beam_size 1..max_beam (default min(5, max_beam)); max_steps 1..cap (default cap);
-    attention true/false (default false); length_penalty >= 0 (GNMT alpha, default 0).
+    attention true/false (default false); length_penalty >= 0 (GNMT alpha, default 0); the decoding
+    controls as Captioner.caption takes them. check: validates the result against the model
+    (Captioner.check_options), raising ValueError with the field's name first.
     """
     given: dict[str, list[str]] = {}
     for key, value in list(query) + list(fields.items()):
@@ -145,12 +154,7 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
 
     beam = integer("beam_size", min(DEFAULT_BEAM, max_beam), max_beam, f" (the model's max_beam is {max_beam})")
     steps = integer("max_steps", max_steps_cap, max_steps_cap, " (the service's cap)")
-    attention = False
-    if "attention" in raw:
-        flag = raw["attention"].lower()
-        if flag not in _TRUE | _FALSE:
-            raise ServeError(422, f"attention must be true or false, got {raw['attention']!r}")
-        attention = flag in _TRUE
+    attention = _flag("attention", raw["attention"]) if "attention" in raw else False
     penalty = 0.0
     if "length_penalty" in raw:
         try:
@@ -159,7 +163,40 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
             penalty = -1.0
         if not math.isfinite(penalty) or penalty < 0 or penalty > 10:
             raise ServeError(422, f"length_penalty must be a number between 0 and 10, got {raw['length_penalty']!r}")
-    return DecodeParams(beam, steps, attention, penalty)
+    controls: dict[str, Any] = {}
+    for name in CONTROL_INTS:
+        if name in raw:
+            if not raw[name].lstrip("+-").isdigit():
+                raise ServeError(422, f"{name} must be an integer, got {raw[name]!r}")
+            controls[name] = int(raw[name])
+    for name in CONTROL_FLOATS:
+        if name in raw:
+            try:
+                controls[name] = float(raw[name])
+            except ValueError:
+                raise ServeError(422, f"{name} must be a number, got {raw[name]!r}") from None
+    for name in CONTROL_FLAGS:  # true/false only, as OpenAPI writes booleans
+        if name in raw:
+            controls[name] = _flag(name, raw[name], strict=True)
+    for name in CONTROL_WORDS:
+        if name in raw:
+            controls[name] = tuple(raw[name].split())
+    defaults = DecodingOptions()
+    params = DecodeParams(beam, steps, attention, penalty,
+                          tuple(sorted((k, v) for k, v in controls.items() if v != getattr(defaults, k))))
+    if check is not None:
+        try:
+            check(params)
+        except ValueError as exc:
+            raise ServeError(422, str(exc)) from None
+    return params
+
+
+def _flag(name: str, text: str, strict: bool = False) -> bool:
+    flag = text.lower()
+    if flag not in (("true", "false") if strict else _TRUE | _FALSE):
+        raise ServeError(422, f"{name} must be true or false, got {text!r}")
+    return flag in _TRUE
 
 
 def error_status(kinds: Iterable[str]) -> int:
@@ -185,4 +222,25 @@ def params_schema(max_beam: int | None = None, max_steps: int | None = None) -> 
         {"name": "length_penalty", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": 10},
          "description": "GNMT alpha among completed hypotheses (0 = raw log-probability)"},
+        *({"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+          for name, schema, text in _CONTROL_DOCS),
     ]
+
+
+_CONTROL_DOCS = (  # README "Decoding controls" has the exact semantics
+    ("num_hypotheses", {"type": "integer", "minimum": 1},
+     "hypotheses per image (<= beam_size; with sample=true, independent samples); returned as 'hypotheses'"),
+    ("return_scores", {"type": "boolean"}, "per-word log-probabilities ('token_scores')"),
+    ("suppress", {"type": "string"}, "space-separated words never generated"),
+    ("disable_unk", {"type": "boolean"}, "never generate <unk>"),
+    ("min_length", {"type": "integer", "minimum": 0}, "<end> is banned until a caption has this many words"),
+    ("repetition_penalty", {"type": "number", "exclusiveMinimum": 0},
+     "CTRL penalty on words already generated (1 = off)"),
+    ("no_repeat_ngram_size", {"type": "integer", "minimum": 0}, "no n-gram occurs twice in a caption (0 = off)"),
+    ("prefix", {"type": "string"}, "space-separated words every caption starts with"),
+    ("sample", {"type": "boolean"}, "random sampling instead of beam search (beam_size must be 1)"),
+    ("sampling_topk", {"type": "integer", "minimum": 0}, "sample among the k most likely words (0 = all)"),
+    ("sampling_topp", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "nucleus sampling threshold"),
+    ("sampling_temperature", {"type": "number", "exclusiveMinimum": 0}, "sampling temperature"),
+    ("seed", {"type": "integer", "minimum": 0}, "makes sampling reproducible (per image: never depends on the batch)"),
+)

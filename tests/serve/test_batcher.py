@@ -195,3 +195,13 @@ def test_waits_for_requests_on_their_way_and_only_for_them():
     rec, results = run(main())
     assert results == [20, 30]
     assert [ids for _, ids in rec.batches] == [[1], [2, 3]]
+
+
+def test_return_scores_does_not_split_a_batch():
+    from dataclasses import replace
+
+    scored = replace(P5, controls=(("return_scores", True),))
+    assert scored.batch_key == P5.batch_key and scored != P5
+    assert DecodeParams.for_batch([P5, scored]).return_scores and not DecodeParams.for_batch([P5]).return_scores
+    other = replace(P5, controls=(("min_length", 3),))
+    assert other.batch_key != P5.batch_key  # a different search: never the same batch

@@ -304,3 +304,35 @@ def test_event_loop_answers_while_the_engine_runs(server, auth, jpegs):
     worker.join()
     batches = metric(scrape(server), "captrt_batch_size_count") - before
     assert answered > 4 * batches, (answered, batches)
+
+
+def test_decoding_controls_over_http(server, auth, jpegs, serve_model_dir):
+    """Query and form fields carry the decoding controls; answers equal the library's; bad values 422."""
+    with Captioner.load(serve_model_dir) as cap:
+        want = cap.caption(jpegs[:2], beam_size=3, num_hypotheses=2, return_scores=True, suppress=["a"],
+                           min_length=4)
+        sampled = cap.caption(jpegs[:2], beam_size=1, sample=True, seed=5, sampling_topp=0.9)
+    r = httpx.post(server.url + "/v1/captions", headers=auth, params={"beam_size": "3", "num_hypotheses": "2",
+                                                                      "suppress": "a"},
+                   files=parts(jpegs[:2]), data={"return_scores": "true", "min_length": "4"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["params"]["num_hypotheses"] == 2 and body["params"]["suppress"] == ["a"]
+    for got, c in zip(body["captions"], want):
+        assert [h["tokens"] for h in got["hypotheses"]] == [h.tokens for h in c.hypotheses]
+        assert got["token_scores"] == pytest.approx(c.token_scores)
+        assert got["hypotheses"][0]["caption"] == got["caption"] == c.text
+    r = post(server, parts(jpegs[:2]), headers=auth,
+             params={"beam_size": "1", "sample": "true", "seed": "5", "sampling_topp": "0.9"})
+    assert [c["tokens"] for c in r.json()["captions"]] == [c.tokens for c in sampled]
+    assert "token_scores" not in r.json()["captions"][0] and "hypotheses" not in r.json()["captions"][0]
+    for params, needle in (({"suppress": "zebra"}, "suppress: 'zebra' is not in the model's vocabulary"),
+                           ({"repetition_penalty": "0"}, "repetition_penalty must be a finite number > 0"),
+                           ({"num_hypotheses": "6"}, "num_hypotheses must be an integer between 1 and 5"),
+                           ({"sample": "true"}, "beam_size must be 1 with sample=True"),
+                           ({"sample": "1"}, "sample must be true or false"),
+                           ({"min_length": "x"}, "min_length must be an integer")):
+        r = post(server, parts(jpegs[:1]), headers=auth, params=params)
+        assert r.status_code == 422 and needle in r.json()["detail"], (params, r.text)
+    schema = httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/captions"]["post"]["parameters"]
+    assert {"num_hypotheses", "suppress", "prefix", "sample", "seed"} <= {p["name"] for p in schema}
