@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 import typer.core
@@ -157,6 +157,19 @@ def export(checkpoint: Path = typer.Argument(...),
         raise typer.Exit(1)
 
 
+_DC = "Decoding controls (README: Decoding controls)"
+
+
+def _decoding(**flags: Any) -> dict[str, Any]:
+    """The decoding-control flags that differ from their defaults, as Captioner.caption's keyword arguments."""
+    from captrt.runtime.decoding import DecodingOptions
+
+    default = DecodingOptions()
+    flags["suppress"] = tuple(flags["suppress"] or ())
+    flags["prefix"] = tuple((flags["prefix"] or "").split())
+    return {k: v for k, v in flags.items() if v != getattr(default, k)}
+
+
 @app.command()
 def caption(images: List[str] = typer.Argument(..., help="image files, directories or globs"),
             model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
@@ -172,13 +185,31 @@ def caption(images: List[str] = typer.Argument(..., help="image files, directori
             threads: Optional[int] = typer.Option(None, "--threads"),
             providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, comma list"),
             allow_unverified: bool = typer.Option(False, "--allow-unverified",
-                                                  help="load a precision that has not met the quality budget here")):
+                                                  help="load a precision that has not met the quality budget here"),
+            num_hypotheses: int = typer.Option(1, "--num-hypotheses", help="hypotheses per image (<= --beam)", rich_help_panel=_DC),
+            return_scores: bool = typer.Option(False, "--return-scores", help="per-word log-probabilities", rich_help_panel=_DC),
+            suppress: Optional[List[str]] = typer.Option(None, "--suppress", help="a word never generated (repeatable)", rich_help_panel=_DC),
+            disable_unk: bool = typer.Option(False, "--disable-unk", help="never generate <unk>", rich_help_panel=_DC),
+            min_length: int = typer.Option(0, "--min-length", help="words before <end> is allowed", rich_help_panel=_DC),
+            repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (1 = off)", rich_help_panel=_DC),
+            no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="no repeated n-gram (0 = off)", rich_help_panel=_DC),
+            prefix: Optional[str] = typer.Option(None, "--prefix", help='words every caption starts with, e.g. "a photo of"', rich_help_panel=_DC),
+            sample: bool = typer.Option(False, "--sample", help="random sampling (with --beam 1)", rich_help_panel=_DC),
+            sampling_topk: int = typer.Option(0, "--sampling-topk", help="0 = all words", rich_help_panel=_DC),
+            sampling_topp: float = typer.Option(1.0, "--sampling-topp", help="nucleus threshold", rich_help_panel=_DC),
+            sampling_temperature: float = typer.Option(1.0, "--sampling-temperature", rich_help_panel=_DC),
+            seed: Optional[int] = typer.Option(None, "--seed", help="reproducible sampling", rich_help_panel=_DC)):
     """Caption images with the torch-free runtime; one line per image (tab-separated path and caption)."""
     from captrt.runtime.cli_caption import caption_files
 
     code = caption_files(images, model, engine=engine, device=device, precision=precision, beam=beam, batch=batch,
                          json_lines=json_lines, attention_dir=attention, max_steps=max_steps, threads=threads,
-                         providers=providers, length_penalty=length_penalty, allow_unverified=allow_unverified)
+                         providers=providers, length_penalty=length_penalty, allow_unverified=allow_unverified,
+                         decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
+                                   min_length=min_length, repetition_penalty=repetition_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix, sample=sample,
+                                   sampling_topk=sampling_topk, sampling_topp=sampling_topp,
+                                   sampling_temperature=sampling_temperature, seed=seed))
     raise typer.Exit(code)
 
 
@@ -232,7 +263,20 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
           threads_per_actor: Optional[int] = typer.Option(None, "--threads-per-actor", help="engine threads per actor"),
           threads: Optional[int] = typer.Option(None, "--threads", help="local mode: engine threads (default: all cores)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
-                                                help="load a precision whose quality verification is missing or failed")):
+                                                help="load a precision whose quality verification is missing or failed"),
+          num_hypotheses: int = typer.Option(1, "--num-hypotheses", help="hypotheses per image (<= --beam)", rich_help_panel=_DC),
+          return_scores: bool = typer.Option(False, "--return-scores", help="per-word log-probabilities", rich_help_panel=_DC),
+          suppress: Optional[List[str]] = typer.Option(None, "--suppress", help="a word never generated (repeatable)", rich_help_panel=_DC),
+          disable_unk: bool = typer.Option(False, "--disable-unk", help="never generate <unk>", rich_help_panel=_DC),
+          min_length: int = typer.Option(0, "--min-length", help="words before <end> is allowed", rich_help_panel=_DC),
+          repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (1 = off)", rich_help_panel=_DC),
+          no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="no repeated n-gram (0 = off)", rich_help_panel=_DC),
+          prefix: Optional[str] = typer.Option(None, "--prefix", help='words every caption starts with, e.g. "a photo of"', rich_help_panel=_DC),
+          sample: bool = typer.Option(False, "--sample", help="random sampling (with --beam 1)", rich_help_panel=_DC),
+          sampling_topk: int = typer.Option(0, "--sampling-topk", help="0 = all words", rich_help_panel=_DC),
+          sampling_topp: float = typer.Option(1.0, "--sampling-topp", help="nucleus threshold", rich_help_panel=_DC),
+          sampling_temperature: float = typer.Option(1.0, "--sampling-temperature", rich_help_panel=_DC),
+          seed: Optional[int] = typer.Option(None, "--seed", help="reproducible sampling", rich_help_panel=_DC)):
     """Caption a corpus into Parquet/JSON-lines shards (resumable; locally or on a Ray cluster)."""
     import signal
 
@@ -246,7 +290,11 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
         result = run_batch(sources, model, out, engine=engine, device=device, precision=precision, beam=beam,
                            max_steps=max_steps, batch_size=batch_size, fmt=fmt, resume=resume, split=split,
                            shard_rows=shard_rows, ray=ray, actors=actors, threads_per_actor=threads_per_actor,
-                           threads=threads, allow_unverified=allow_unverified)
+                           threads=threads, allow_unverified=allow_unverified, decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
+                                   min_length=min_length, repetition_penalty=repetition_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix, sample=sample,
+                                   sampling_topk=sampling_topk, sampling_topp=sampling_topp,
+                                   sampling_temperature=sampling_temperature, seed=seed))
     except BatchUsageError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -83,8 +83,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
               threads_per_actor: int | None = None, threads: int | None = None, decode_threads: int | None = None,
               decode: str = "actor", allow_unverified: bool = False, progress: bool | None = None,
               stream: TextIO | None = None, log_interval_s: float = 30.0,
-              on_shard: Callable[[dict[str, Any]], None] | None = None, ray_init: dict[str, Any] | None = None
-              ) -> BatchResult:
+              on_shard: Callable[[dict[str, Any]], None] | None = None, ray_init: dict[str, Any] | None = None,
+              decoding: dict[str, Any] | None = None) -> BatchResult:
     """Caption every image of `sources` into OUT_DIR (one row per input, in shards of `shard_rows`).
 
     ray: None runs in this process (local mode); 'local' starts a Ray instance on this machine;
@@ -94,7 +94,9 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     local mode (default: the number of cores). decode: Ray mode only, 'actor' (decode inside the
     actors) or 'tasks' (separate Ray Data tasks) on `stream` (default stderr).
     progress None or True: a bar on a terminal, a line every log_interval_s otherwise; False: none. on_shard(entry): called
-    with each new manifest entry. ray_init: extra ray.init() keyword arguments.
+    with each new manifest entry. ray_init: extra ray.init() keyword arguments. decoding: the decoding
+    controls (Captioner.caption's keyword arguments: num_hypotheses ... seed); shards hold the caption
+    (the first hypothesis), and the controls are part of the run's settings (resume checks them).
     Raises BatchUsageError (exit 2) for anything the caller must fix; KeyboardInterrupt passes through
     with every finished shard already safe in OUT_DIR (--resume continues).
     """
@@ -133,13 +135,21 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         raise BatchUsageError(str(exc)) from None
     if device is None:
         device = "cuda" if engine == "trt" else "cpu"
+    decoding = dict(decoding or {})
+    try:  # every decoding control checked against the model before anything starts
+        from captrt.runtime.decoding import DecodingOptions
+
+        DecodingOptions.build(beam_size=beam, max_steps=max_steps, **decoding).check(model_dir.vocab,
+                                                                                    max_beam=model_dir.max_beam)
+    except ValueError as exc:
+        raise BatchUsageError(str(exc)) from None
     try:
         total = count_paths(sources, split)
     except SourceError as exc:
         raise BatchUsageError(str(exc)) from None
     settings = {"sources": sources, "split": split, "model_id": model_dir.model_id, "engine": engine,
                 "precision": precision, "device": device, "beam": beam, "max_steps": max_steps, "format": fmt,
-                "shard_rows": shard_rows}
+                "shard_rows": shard_rows, **({"decoding": decoding} if decoding else {})}
     load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision,
                                     "allow_unverified": allow_unverified}
 
@@ -187,7 +197,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                 from captrt.batch.rows import make_reader
 
                 run_local(chunks, captioner, assembler, read=make_reader(captioner), stamp=stamp,
-                          batch_size=batch_size, beam=beam, max_steps=max_steps,
+                          batch_size=batch_size, beam=beam, max_steps=max_steps, decoding=decoding,
                           decode_threads=decode_threads or (os.cpu_count() or 1), on_rows=bar.update)
                 mode = "local"
             else:
@@ -195,7 +205,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
 
                 mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
                                stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
-                               batch_size=batch_size, beam=beam, max_steps=max_steps, decode=decode,
+                               batch_size=batch_size, beam=beam, max_steps=max_steps, decoding=decoding,
+                               decode=decode,
                                on_rows=bar.update, ray_init=ray_init, on_started=started)
         except (SourceError, OutputDirError, RayModeError) as exc:
             if created and not output.shards:  # refused before any work: leave no OUT_DIR behind

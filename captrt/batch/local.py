@@ -51,6 +51,7 @@ def _read_or_error(read: Callable[[str], np.ndarray], path: str) -> np.ndarray |
 
 def run_local(chunks: Iterable[Chunk], captioner: Any, assembler: Assembler, *, read: Callable[[str], np.ndarray],
               stamp: dict[str, str], batch_size: int, beam: int, max_steps: int, decode_threads: int,
+              decoding: dict[str, Any] | None = None,
               on_rows: Callable[[int], None]) -> None:
     """Caption every input of `chunks` with `captioner`; each complete chunk becomes a shard (assembler).
 
@@ -68,7 +69,7 @@ def run_local(chunks: Iterable[Chunk], captioner: Any, assembler: Assembler, *, 
 
     def flush() -> None:
         caps = captioner.caption([img for _, _, img in batch], beam_size=beam, max_steps=max_steps,
-                                 batch_size=len(batch))
+                                 batch_size=len(batch), **(decoding or {}))
         for row in result_rows([(i, p) for i, p, _ in batch], caps, stamp):
             assembler.add(row)
         on_rows(len(batch))

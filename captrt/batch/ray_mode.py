@@ -39,14 +39,14 @@ class CaptionActor:
     """
 
     def __init__(self, model: str, load_options: dict[str, Any], threads: int, beam: int, max_steps: int,
-                 stamp: dict[str, str]):
+                 stamp: dict[str, str], decoding: dict[str, Any] | None = None):
         from captrt.batch.rows import make_reader
         from captrt.runtime.captioner import Captioner
 
         self.captioner = Captioner.load(model, threads=threads, **load_options)
         self.read = make_reader(self.captioner)
         self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="captrt-decode")
-        self.beam, self.max_steps, self.stamp = beam, max_steps, stamp
+        self.beam, self.max_steps, self.stamp, self.decoding = beam, max_steps, stamp, dict(decoding or {})
 
     def __call__(self, batch: Any) -> Any:
         import numpy as np
@@ -69,7 +69,7 @@ class CaptionActor:
         rows: list[dict[str, Any] | None] = [None] * len(paths)
         if ok:
             caps = self.captioner.caption([np.asarray(decoded[k]) for k in ok], beam_size=self.beam,
-                                          max_steps=self.max_steps, batch_size=len(ok))
+                                          max_steps=self.max_steps, batch_size=len(ok), **self.decoding)
             for k, row in zip(ok, result_rows([(indices[k], paths[k]) for k in ok], caps, self.stamp)):
                 rows[k] = row
         for k, d in enumerate(decoded):
@@ -165,7 +165,8 @@ def connect(address: str, ray_init: dict[str, Any] | None) -> tuple[Any, bool]:
 def run_ray(chunks: Iterable[Chunk], assembler: Assembler, *, model: str, load_options: dict[str, Any],
             stamp: dict[str, str], address: str, actors: int | None, threads_per_actor: int | None,
             batch_size: int, beam: int, max_steps: int, decode: str, on_rows: Callable[[int], None],
-            ray_init: dict[str, Any] | None = None, on_started: Callable[[], None] | None = None) -> str:
+            ray_init: dict[str, Any] | None = None, on_started: Callable[[], None] | None = None,
+            decoding: dict[str, Any] | None = None) -> str:
     """Caption every input of `chunks` on Ray; returns a description of the pool ('ray: 2 actors x 1 thread').
 
     model: an absolute path every node can read (same path on every node, or a shared filesystem).
@@ -201,7 +202,8 @@ def run_ray(chunks: Iterable[Chunk], assembler: Assembler, *, model: str, load_o
         # actor is restarted and its batches retried. Not passed again: extra remote args are deprecated.
         ds = ds.map_batches(CaptionActor, batch_size=batch_size, batch_format="pyarrow",
                             fn_constructor_kwargs={"model": model, "load_options": load_options, "threads": tpa,
-                                                   "beam": beam, "max_steps": max_steps, "stamp": stamp},
+                                                   "beam": beam, "max_steps": max_steps, "stamp": stamp,
+                                                   "decoding": decoding},
                             compute=ActorPoolStrategy(size=n), num_cpus=cpus_each,
                             num_gpus=1 if device == "cuda" else None)
         if on_started is not None:

@@ -55,15 +55,16 @@ def _attention_name(path: str, used: set[str]) -> str:
     return name
 
 
-def _json_line(path: str, cap: Any) -> str:
-    return json.dumps({"image": path, **cap.to_dict()}, ensure_ascii=False)
+def _json_line(path: str, cap: Any, hypotheses: bool = False) -> str:
+    return json.dumps({"image": path, **cap.to_dict(hypotheses=hypotheses)}, ensure_ascii=False)
 
 
 def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None,
                   precision: str = "fp32", beam: int = 5, batch: int = 16, json_lines: bool = False,
                   attention_dir: str | os.PathLike | None = None, max_steps: int = 50, out: TextIO | None = None,
                   *, threads: int | None = None, providers: str | None = None, length_penalty: float = 0.0,
-                  progress: bool | None = None, err: TextIO | None = None, allow_unverified: bool = False) -> int:
+                  progress: bool | None = None, err: TextIO | None = None, allow_unverified: bool = False,
+                  decoding: dict[str, Any] | None = None) -> int:
     """Caption image files; returns the exit code: 0 all captioned, 1 some images failed, 2 bad usage
     (no images, bad model directory, unavailable engine, bad option).
 
@@ -71,7 +72,9 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     {"image", "caption", "tokens", "score", "finished", "error"} object per image (errors included).
     attention_dir: write one seed-style attention PNG per captioned image there (needs matplotlib).
     device None: 'cuda' for engine='trt', else 'cpu'. progress None: a bar when `err` is a terminal, else a
-    plain line every 30 s; True forces the bar, False shows nothing.
+    plain line every 30 s; True forces the bar, False shows nothing. decoding: the decoding controls
+    (Captioner.caption's keyword arguments); with num_hypotheses > 1 or return_scores, --json lines
+    carry "hypotheses" (and "token_scores"), and the plain output shows the first caption.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -96,6 +99,8 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
         complain(str(exc))
         return EXIT_USAGE
+    decoding = dict(decoding or {})
+    hypotheses = decoding.get("num_hypotheses", 1) > 1 or bool(decoding.get("return_scores"))
     failed = len(problems)
     plot_dir = Path(attention_dir) if attention_dir is not None else None
     used_names: set[str] = set()
@@ -109,8 +114,8 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
             images = [_read_or_path(captioner, p) for p in chunk] if plot_dir is not None else chunk
             try:
                 caps = captioner.caption(images, beam_size=beam, max_steps=max_steps, length_penalty=length_penalty,
-                                         return_attention=plot_dir is not None, batch_size=batch)
-            except ValueError as exc:  # bad beam/max_steps/length_penalty: same for every batch
+                                         return_attention=plot_dir is not None, batch_size=batch, **decoding)
+            except ValueError as exc:  # a bad beam/max_steps/decoding option: same for every batch
                 bar.close()
                 complain(str(exc))
                 return EXIT_USAGE
@@ -120,7 +125,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
                     if not json_lines:
                         complain(cap.error)
                 if json_lines:
-                    out.write(_json_line(path, cap) + "\n")
+                    out.write(_json_line(path, cap, hypotheses) + "\n")
                 elif cap.error is None:
                     out.write(f"{path}\t{cap.text}\n")
                 if plot_dir is not None and cap.error is None:

@@ -206,3 +206,22 @@ def test_decode_ahead_is_bounded_and_ordered():
         assert len(produced) - len(consumed) <= 8  # never more than the look-ahead listed ahead
         assert image == (f"{path}: nope" if path.endswith("7") else path)
     assert consumed == list(range(200)) and peak[0] <= 3
+
+
+def test_decoding_controls_reach_the_rows_and_bad_ones_stop_before_start(batch_model_dir, corpus, tmp_path):
+    with Captioner.load(batch_model_dir, threads=1) as cap:
+        word = cap.vocab.id2word[4]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(corpus), "--model", str(batch_model_dir), "-o", str(out),
+                                   "--beam", "2", "--max-steps", "10", "--min-length", "3", "--suppress", word,
+                                   "--disable-unk"])
+    assert res.exit_code == 0, res.output
+    rows = read_rows(out)
+    with Captioner.load(batch_model_dir, threads=1) as cap:
+        want = cap.caption(list(rows["path"]), beam_size=2, max_steps=10, min_length=3, suppress=[word],
+                           disable_unk=True)
+    assert [list(t) for t in rows["tokens"]] == [c.tokens for c in want]
+    res = CliRunner().invoke(app, ["batch", str(corpus), "--model", str(batch_model_dir), "-o", str(tmp_path / "n"),
+                                   "--no-repeat-ngram-size", "-1"])
+    assert res.exit_code == 2 and "no_repeat_ngram_size must be an integer >= 0" in res.output
+    assert not (tmp_path / "n").exists()

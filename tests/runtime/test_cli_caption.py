@@ -180,3 +180,30 @@ def test_captrt_caption_in_a_subprocess(varied_model_dir, photo_dir, expected, t
         assert by_path[path]["tokens"] == cap.tokens and by_path[path]["caption"] == cap.text
     assert len(list((tmp_path / "att").glob("*.png"))) == len(expected)
     assert "Traceback" not in proc.stderr
+
+
+def test_captrt_caption_decoding_controls(varied_model_dir, photo_dir):
+    """Decoding-control flags reach Captioner.caption; --json prints hypotheses and token scores;
+    a bad value is one line naming the flag's field, exit 2."""
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+
+    img = photo_dir / "img1.png"
+    with Captioner.load(varied_model_dir, threads=1) as cap:
+        word = cap.vocab.id2word[4]
+        [want] = cap.caption(str(img), beam_size=3, num_hypotheses=2, return_scores=True, suppress=[word],
+                             min_length=2, prefix=["a"] if "a" in cap.vocab.word2id else ())
+    prefix = ["--prefix", "a"] if "a" in cap.vocab.word2id else []
+    res = CliRunner().invoke(app, ["caption", str(img), "--model", str(varied_model_dir), "--beam", "3", "--json",
+                                   "--threads", "1", "--num-hypotheses", "2", "--return-scores", "--suppress", word,
+                                   "--min-length", "2", *prefix])
+    assert res.exit_code == EXIT_OK, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [h["tokens"] for h in row["hypotheses"]] == [h.tokens for h in want.hypotheses]
+    assert row["token_scores"] == pytest.approx(want.token_scores)
+    for args, needle in ((["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+                         (["--suppress", "zebra"], "suppress: 'zebra' is not in the model's vocabulary"),
+                         (["--sample"], "beam_size must be 1 with sample=True")):
+        res = CliRunner().invoke(app, ["caption", str(img), "--model", str(varied_model_dir), "--threads", "1", *args])
+        assert res.exit_code == EXIT_USAGE and needle in res.output, (args, res.output)
