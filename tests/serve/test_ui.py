@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 BEAM = 3
+HYPOTHESES = 3  # the n-best list the first test asks for (<= BEAM)
 # The attention canvas: how many pixels are drawn (alpha > 0), and the RGBA at each (x, y) fraction.
 READ_CANVAS = """(canvas, points) => {
   const {width, height, data} = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
@@ -29,6 +31,15 @@ READ_CANVAS = """(canvas, points) => {
                               return Array.from(data.slice(i, i + 4)); };
   return {width, height, drawn, maxAlpha, samples: points.map(at)};
 }"""
+# Before the page's script: records the text fields of every FormData the page sends (window.sentFields).
+RECORD_FIELDS = """(() => {
+  const fetch = window.fetch;
+  window.sentFields = [];
+  window.fetch = (url, init) => {
+    if (init?.body instanceof FormData) window.sentFields.push([...init.body].filter(([, v]) => typeof v === "string"));
+    return fetch(url, init);
+  };
+})();"""
 # Files dropped on the drop zone or pasted into the page: [kind, [[name, base64], ...]].
 GIVE_FILES = """([kind, files]) => {
   const data = new DataTransfer();
@@ -84,20 +95,26 @@ def ui_server(serve_model_dir, tmp_path_factory):
         yield srv
 
 
-def _api_caption(url: str, name: str, data: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+def _api_caption(url: str, name: str, data: bytes, headers: dict[str, str] | None = None,
+                 **params: str) -> httpx.Response:
     return httpx.post(url + "/v1/captions", files=[("image", (name, data, "application/octet-stream"))],
-                      params={"beam_size": str(BEAM), "attention": "true"}, headers=headers, timeout=60)
+                      params={"beam_size": str(BEAM), "attention": "true", **params}, headers=headers, timeout=60)
 
 
 def test_caption_attention_and_controls(ui_server, page, jpegs, serve_model_dir, tmp_path):
+    """Beam size and the n-best list from the form, each word's confidence, the attention maps, the
+    keyboard, the layout; then a suppressed word the model does not know: the API's 422 on the card."""
     from playwright.sync_api import expect
 
-    files = [tmp_path / "scene0.jpg", tmp_path / "scene1.jpg"]
+    files = [tmp_path / "scene0.jpg", tmp_path / "scene1.jpg", tmp_path / "scene2.jpg"]
     for path, data in zip(files, jpegs):
         path.write_bytes(data)
     with Captioner.load(serve_model_dir) as cap:
-        expected = [c.text for c in cap.caption(jpegs[:2], beam_size=BEAM)]
+        library = cap.caption(jpegs[:2], beam_size=BEAM, num_hypotheses=HYPOTHESES, return_scores=True)
+        assert [c.text for c in library] == [c.text for c in cap.caption(jpegs[:2], beam_size=BEAM)]
+    expected = [c.text for c in library]
     info = httpx.get(ui_server.url + "/v1/model").json()
+    page.add_init_script(RECORD_FIELDS)
 
     page.goto(ui_server.url + "/")
     model = page.get_by_test_id("model")
@@ -106,10 +123,37 @@ def test_caption_attention_and_controls(ui_server, page, jpegs, serve_model_dir,
     beam = page.get_by_label("Beam size")
     expect(beam).to_have_attribute("max", str(info["max_beam"]))
     beam.fill(str(BEAM))
-    page.get_by_test_id("file").set_input_files(files)
+    alternatives = page.get_by_label("Number of alternatives")
+    expect(alternatives).to_have_value("1")
+    expect(page.get_by_label("Min length")).to_have_value("0")
+    alternatives.fill(str(HYPOTHESES))
+    page.get_by_test_id("file").set_input_files(files[:2])
     for i, text in enumerate(expected):
         expect(page.get_by_test_id("caption").nth(i)).to_have_text(text)
         expect(page.locator("img").nth(i)).to_have_attribute("alt", text)
+    # Only what differs from the API's defaults is sent, and return_scores always (for the confidences).
+    sent = page.evaluate("() => window.sentFields")
+    assert sent == [[["beam_size", str(BEAM)], ["num_hypotheses", str(HYPOTHESES)], ["attention", "true"],
+                     ["return_scores", "true"]]] * 2, sent
+
+    # The n-best list: the library's hypotheses in order, each with its score; each word's confidence is
+    # its probability, exp(token score), to 2 decimals, in words too; below 0.5 it is flagged.
+    for i, result in enumerate(library):
+        card = page.locator(".result").nth(i)
+        items = card.get_by_test_id("hypothesis")
+        expect(items).to_have_count(HYPOTHESES)
+        assert [items.nth(k).locator(".hyp-caption").text_content() for k in range(HYPOTHESES)] == \
+            [h.text for h in result.hypotheses]
+        assert [items.nth(k).locator(".hyp-score").text_content() for k in range(HYPOTHESES)] == \
+            [f"{h.score:.2f}" for h in result.hypotheses]
+        buttons = card.get_by_test_id("word")
+        marks = buttons.evaluate_all("bs => bs.map(b => [b.dataset.confidence, b.getAttribute('aria-label'),"
+                                     " b.classList.contains('unsure')])")
+        assert len(marks) == len(result.tokens) and len(result.token_scores) == len(result.tokens) + 1
+        for word, logp, (value, label, unsure) in zip(result.text.split(), result.token_scores, marks):
+            p = round(math.exp(logp), 2)
+            assert float(value) == p, (word, logp, value)
+            assert label.startswith(f"{word}, confidence {value}") and unsure == (p < 0.5), (word, label)
 
     # Focusing a word draws that word's map (from the API, upsampled) over the image.
     words = page.get_by_test_id("caption").nth(0).get_by_test_id("word")
@@ -156,6 +200,15 @@ def test_caption_attention_and_controls(ui_server, page, jpegs, serve_model_dir,
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than the screen
     assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(tmp_path / "serve-ui-phone.png"), full_page=True)
+
+    # A suppressed word the model does not know: the API's 422, which names the field, on that image's card.
+    refusal = _api_caption(ui_server.url, "scene2.jpg", jpegs[2], num_hypotheses=str(HYPOTHESES), suppress="zebra",
+                           return_scores="true")
+    assert refusal.status_code == 422 and "suppress" in refusal.json()["detail"], refusal.text
+    page.get_by_label("Suppressed words").fill("zebra")
+    page.get_by_test_id("file").set_input_files(files[2])
+    expect(page.get_by_test_id("error").nth(2)).to_have_text(refusal.json()["detail"])
+    expect(page.locator(".result").nth(2).get_by_test_id("word")).to_have_count(0)
     assert page.problems == []
     assert all(u.startswith((ui_server.url + "/", "blob:", "data:")) for u in page.seen), page.seen
 

@@ -1,16 +1,24 @@
 // The page of `captrt serve`: caption images through this origin's API and show, word by word,
-// where the model looked (the attention maps the API returns with attention=true).
+// where the model looked (the attention maps the API returns with attention=true) and how sure it
+// was of each word (the log-probabilities it returns with return_scores=true), with the n-best list.
 // Text from the API is only ever inserted as text (textContent), never as HTML.
 
 const KEY_STORE = "captrt.apiKey";  // sessionStorage: this tab only, never a cookie or a URL
 const PLAY_MS = 800;
 
-// The decoding fields of POST /v1/captions offered in the form: one entry per parameter.
-// limit(model) gives the bounds the served model allows, once /v1/model has answered.
+// The decoding fields of POST /v1/captions offered in the form: one entry per parameter, `value`
+// being the API's default (a field left at it is not sent). limit(model) gives the bounds the
+// served model allows, once /v1/model has answered.
 const FIELDS = [
   { name: "beam_size", label: "Beam size", type: "number", value: 5, min: 1,
     limit: (model) => ({ max: model.max_beam }) },
+  { name: "num_hypotheses", label: "Number of alternatives", type: "number", value: 1, min: 1,
+    limit: (model) => ({ max: model.max_beam }) },
+  { name: "suppress", label: "Suppressed words", type: "text", value: "", placeholder: "space-separated" },
+  { name: "min_length", label: "Min length", type: "number", value: 0, min: 0,
+    limit: (model) => ({ max: model.max_steps_cap ? model.max_steps_cap - 1 : undefined }) },
 ];
+const LOW_CONFIDENCE = 0.5;  // words the model gave less than this probability are flagged
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const results = new Set();
@@ -110,6 +118,11 @@ function buildFields() {
     input.type = field.type;
     input.value = String(field.value);
     if (field.min !== undefined) input.min = String(field.min);
+    if (field.placeholder) input.placeholder = field.placeholder;
+    if (field.type === "text") {
+      input.autocomplete = "off";
+      input.spellcheck = false;
+    }
     wrap.append(label, input);
     box.append(wrap);
   }
@@ -126,14 +139,20 @@ function applyLimits() {
   }
 }
 
-// [name, value] of every form field to send; an empty field is left to the API's default.
+// [name, value] of every form field to send: one that is empty or at the API's default is left out.
 function fieldValues() {
   const out = [];
   for (const field of FIELDS) {
     const value = $(`#field-${field.name}`).value.trim();
-    if (value !== "") out.push([field.name, value]);
+    const atDefault = value === String(field.value) || (field.type === "number" && Number(value) === field.value);
+    if (value !== "" && !atDefault) out.push([field.name, value]);
   }
   return out;
+}
+
+// A log-probability from the API -> the probability as 2 decimals ("0.83"); null is -inf (a banned word).
+function confidence(logp) {
+  return (typeof logp === "number" ? Math.exp(logp) : 0).toFixed(2);
 }
 
 function opacity() {
@@ -207,6 +226,8 @@ class Result {
   show(entry, latencyMs) {
     const caption = $(".caption", this.node);
     const words = entry.caption ? entry.caption.split(" ") : [];
+    // one log-prob per word, then <end>'s when finished; absent when the service returns no scores
+    const scores = entry.token_scores ?? entry.hypotheses?.[0]?.token_scores ?? null;
     this.maps = entry.attention ?? [];
     words.forEach((word, i) => {
       const button = document.createElement("button");
@@ -215,6 +236,7 @@ class Result {
       button.dataset.testid = "word";
       button.textContent = word;
       button.setAttribute("aria-pressed", "false");
+      if (Array.isArray(scores) && i < scores.length) this.markConfidence(button, word, confidence(scores[i]));
       const pick = () => { this.stop(); this.select(i); };
       button.addEventListener("mouseenter", pick);
       button.addEventListener("focus", pick);
@@ -227,20 +249,42 @@ class Result {
     const unfinished = entry.finished === false ? ", stopped at max_steps" : "";
     $(".meta", this.node).textContent = `latency ${latencyMs.toFixed(0)} ms${score}${unfinished}`;
     $(".play", this.node).hidden = this.maps.length === 0;
+    $(".legend", this.node).hidden = !Array.isArray(scores) || words.length === 0;
     this.showHypotheses(entry.hypotheses);
   }
 
-  // Optional n-best list: [{caption, score}, ...]; absent today.
+  // The word's probability: data-confidence, a band 0..9 the stylesheet shades the underline by (no
+  // inline style: the CSP refuses it), a flag below LOW_CONFIDENCE, and the same in words for everyone.
+  markConfidence(button, word, value) {
+    const p = Number(value);
+    button.dataset.confidence = value;
+    button.dataset.band = String(Math.min(9, Math.floor(p * 10)));
+    button.classList.toggle("unsure", p < LOW_CONFIDENCE);
+    const label = `${word}, confidence ${value}${p < LOW_CONFIDENCE ? " (low)" : ""}`;
+    button.setAttribute("aria-label", label);
+    button.title = label;
+  }
+
+  // The n-best list, when more than one hypothesis came back: [{caption, score, ...}, ...], the first
+  // being the caption shown above. Score: the hypothesis's log-probability (null: -inf).
   showHypotheses(hypotheses) {
-    if (!Array.isArray(hypotheses) || hypotheses.length === 0) return;
+    if (!Array.isArray(hypotheses) || hypotheses.length < 2) return;
     const list = $(".hypotheses", this.node);
     for (const h of hypotheses) {
       const item = document.createElement("li");
-      const score = typeof h.score === "number" ? ` (${h.score.toFixed(2)})` : "";
-      item.textContent = `${h.caption ?? ""}${score}`;
+      const text = document.createElement("span");
+      const score = document.createElement("span");
+      item.dataset.testid = "hypothesis";
+      text.className = "hyp-caption";
+      text.textContent = h.caption || "(no words)";
+      score.className = "hyp-score";
+      score.textContent = typeof h.score === "number" ? h.score.toFixed(2) : "-inf";
+      score.title = "log-probability";
+      item.append(text, " ", score);
+      if (h.finished === false) item.append(" (unfinished)");
       list.append(item);
     }
-    list.hidden = false;
+    $(".alternatives", this.node).hidden = false;
   }
 
   select(i) {
@@ -284,6 +328,7 @@ async function caption(file) {
   const form = new FormData();
   for (const [name, value] of fieldValues()) form.append(name, value);
   form.append("attention", "true");
+  form.append("return_scores", "true");  // each word's confidence
   form.append("image", file, file.name);
   const r = await api("/v1/captions", { method: "POST", body: form });
   if (!r.ok) return result.fail(r.message);
