@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,6 +26,7 @@ from captrt.runtime.engines import create_engine
 from captrt.runtime.engines.base import Engine
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.preprocess import InvalidImageError, describe_source, load_image
+from captrt.runtime.streams import StreamPlan, StreamSlots, usable_cores
 from captrt.runtime.verify import Verification, check_budget, ensure_verified
 
 try:  # PIL is a runtime dependency; the check is only for recognising single images
@@ -129,16 +132,21 @@ class Captioner:
     """Captions images with one engine over one model directory. Use Captioner.load()."""
 
     def __init__(self, model: ModelDir, engine: Engine, *, image_options: dict[str, Any] | None = None,
-                 verification: Verification | None = None):
+                 verification: Verification | None = None, streams: int = 1):
         self.model = model
         self.engine = engine
+        self.streams = streams
+        self.slots = StreamSlots(streams)  # every search holds one: at most `streams` run at once
+        self._pool: ThreadPoolExecutor | None = None  # runs one call's batches on the streams (streams > 1)
+        self._pool_lock = threading.Lock()
         self.verification = verification or Verification("exact" if not engine.needs_verification else "unverified")
         self.vocab = model.vocab
         self.image_options = dict(image_options or {})
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, engine: str = "ort", device: str | None = None, precision: str = "fp32",
-             threads: int | None = None, providers: str | None = None, *, image_formats: Sequence[str] | None = None,
+             threads: int | None = None, providers: str | None = None, *, streams: int | str = 1,
+             oversubscribe: bool = False, image_formats: Sequence[str] | None = None,
              max_image_bytes: int | None = None, max_image_pixels: int | None = None,
              allow_unverified: bool = False, quality_budget: float | None = None,
              **engine_options: Any) -> "Captioner":
@@ -147,7 +155,10 @@ class Captioner:
         engine: 'ort' (ONNX Runtime), 'trt' (native TensorRT) or 'torch' (the checkpoint in PyTorch).
         device: 'cpu' | 'cuda' (default: 'cuda' for engine='trt', else 'cpu').
         precision: 'fp32' | 'fp16' | 'int8' (a variant the directory holds).
-        threads: intra-op threads (default: all cores). providers: ONNX Runtime only, 'tensorrt' for
+        streams: batched searches that may run at once over this one loaded model (default 1; 'auto':
+        one per core); threads: intra-op threads of each (default: the cores divided among the streams);
+        S x T above the usable cores raises ValueError unless oversubscribe (captrt.runtime.streams).
+        providers: ONNX Runtime only, 'tensorrt' for
         its TensorRT execution provider (device='cuda'). image_*: limits passed to load_image.
         Every precision but exact fp32 must have met the quality budget (captrt.runtime.verify) for
         this engine on this machine: the export's record, a cached one, or a check of the model's
@@ -167,6 +178,11 @@ class Captioner:
             engine_options["providers"] = providers
         if quality_budget is not None:
             check_budget(quality_budget)
+        plan = StreamPlan.resolve(streams, threads, oversubscribe=oversubscribe)
+        if streams != 1 or threads is not None:
+            threads = plan.threads  # the default (one stream, no threads given) stays the engines' own: all cores
+        if engine == "openvino":
+            engine_options.setdefault("streams", plan.streams)  # one compiled model, NUM_STREAMS = S
         backend = create_engine(engine, model, device=device, precision=precision, threads=threads, **engine_options)
         try:
             verification = ensure_verified(model, backend, allow_unverified=allow_unverified, budget=quality_budget)
@@ -175,7 +191,7 @@ class Captioner:
             raise
         image_options = {k: v for k, v in (("formats", image_formats), ("max_bytes", max_image_bytes),
                                            ("max_pixels", max_image_pixels)) if v is not None}
-        return cls(model, backend, image_options=image_options, verification=verification)
+        return cls(model, backend, image_options=image_options, verification=verification, streams=plan.streams)
 
     @property
     def provider(self) -> str:
@@ -193,7 +209,8 @@ class Captioner:
                 "vocab_size": m.vocab_size, "grid": m.grid, "image_size": m.image_size,
                 "max_beam": self.max_beam, "max_steps": m.max_steps, "precisions": list(m.precisions),
                 "precision": self.engine.precision, "engine": self.engine.name, "device": self.engine.device,
-                "provider": self.provider, "numerics": self.engine.describe(),
+                "provider": self.provider, "numerics": self.engine.describe(), "streams": self.streams,
+                "threads": self.engine.threads or usable_cores(),
                 "verification": self.verification.to_dict()}
 
     def read_image(self, source: Any, name: str | None = None) -> np.ndarray:
@@ -252,21 +269,47 @@ class Captioner:
             batch_size = min(batch_size, self.engine.max_batch)
         sources = _as_list(images)
         out: list[Caption | None] = [None] * len(sources)
-        pixels: list[np.ndarray] = []  # decoded images waiting for a batch: memory stays O(batch_size)
+        pixels: list[np.ndarray] = []  # decoded images waiting for a batch: memory stays O(streams x batch_size)
         where: list[int] = []
-        for i, src in enumerate(sources):
-            try:
-                pixels.append(load_image(src, self.model.image_size, **self.image_options))
-                where.append(i)
-            except InvalidImageError as exc:
-                out[i] = Caption("", [], float("nan"), None, str(exc) or f"{describe_source(src)}: unreadable image", False)
-            if len(pixels) == batch_size or (i == len(sources) - 1 and pixels):
-                self._run(np.stack(pixels), where, out, options, return_attention)
-                pixels, where = [], []
+        pending: list[Future] = []
+        try:
+            for i, src in enumerate(sources):
+                try:
+                    pixels.append(load_image(src, self.model.image_size, **self.image_options))
+                    where.append(i)
+                except InvalidImageError as exc:
+                    out[i] = Caption("", [], float("nan"), None, str(exc) or f"{describe_source(src)}: unreadable image",
+                                     False)
+                if len(pixels) == batch_size or (i == len(sources) - 1 and pixels):
+                    batch = (np.stack(pixels), where, out, options, return_attention)
+                    if self.streams == 1 or len(sources) <= batch_size:
+                        self._run(*batch)
+                    else:  # the next batch is decoded here while the streams run this one
+                        if len(pending) >= self.streams:
+                            pending.pop(0).result()
+                        pending.append(self._executor().submit(self._run, *batch))
+                    pixels, where = [], []
+            for f in pending:
+                f.result()
+        finally:
+            for f in pending:  # an error: let the batches in flight finish before the caller sees it
+                f.cancel()
+            wait(pending)
         return out  # type: ignore[return-value]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="captrt-stream")
+            return self._pool
 
     def _run(self, batch: np.ndarray, where: list[int], out: list, o: DecodingOptions,
              return_attention: bool) -> None:
+        with self.slots.hold():  # one stream; concurrent callers wait here rather than oversubscribe the cores
+            self._search(batch, where, out, o, return_attention)
+
+    def _search(self, batch: np.ndarray, where: list[int], out: list, o: DecodingOptions,
+                return_attention: bool) -> None:
         v = self.vocab
         rules = o.resolve(v) if o.needs_graph_controls else None
         common = dict(start=v.start, end=v.end, vocab_size=len(v), max_steps=o.max_steps, rules=rules,
@@ -291,6 +334,8 @@ class Captioner:
         return " ".join(self.vocab.decode(tokens))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.engine.close()
 
     def __enter__(self) -> "Captioner":

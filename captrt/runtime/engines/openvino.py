@@ -150,12 +150,14 @@ class OrtGraph:
 
 class OpenVinoEngine(SessionEngine):
     """OpenVINO CPU plugin (device 'cpu' only). Options: encoder_on / step_on ('openvino' | 'ort'; default
-    DEFAULT_PLACEMENT[precision]), cache (True: OpenVINO's compiled-model cache under MODEL_DIR/cache)."""
+    DEFAULT_PLACEMENT[precision]), cache (True: OpenVINO's compiled-model cache under MODEL_DIR/cache), streams
+    (NUM_STREAMS: concurrent searches over the one compiled model; Captioner.load sets it)."""
 
     name = "openvino"
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                 encoder_on: str | None = None, step_on: str | None = None, cache: bool = True, **options: Any):
+                 encoder_on: str | None = None, step_on: str | None = None, cache: bool = True, streams: int = 1,
+                 **options: Any):
         if options:
             raise ValueError(f"engine 'openvino': unknown option(s) {sorted(options)}")
         if device != "cpu":
@@ -177,7 +179,11 @@ class OpenVinoEngine(SessionEngine):
         model.require_precision(self.variant)
         self.placement, self.fallbacks = placement, {}  # fallbacks: graph -> why OpenVINO could not run it
         self.threads = threads
-        self.num_threads = threads or os.cpu_count() or 1  # explicit: the plugin's default takes every core
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+        self.streams = streams  # NUM_STREAMS: concurrent infer requests of one compiled model, T threads each
+        # explicit: the plugin's default takes every core; with S streams the plugin splits S x T among them
+        self.num_threads = streams * threads if threads else os.cpu_count() or 1
         self._ov = import_openvino() if "openvino" in placement.values() else None
         self.cache_dir: Path | None = None
         self._core = self._new_core(model, precision, cache) if self._ov else None
@@ -203,13 +209,13 @@ class OpenVinoEngine(SessionEngine):
         return core
 
     def _ov_config(self, precision: str) -> dict[str, Any]:
-        # One stream, latency hint: one image batch at a time, its parallelism inside each op. Dynamic batch
+        # S streams (default one), latency hint: each batch its parallelism inside each op. Dynamic batch
         # and beam dimensions, compiled once: one compile per (N, K_prev, K) shape class was at most ~5%
         # faster per call here (within this machine's noise) and a shrinking batch would compile dozens.
         # No thread pinning: pinned workers wait for their own core when other processes (or this process's
         # ONNX Runtime pool) hold it. Measured here, 2 cores shared with other work, the step at N=1 K=5:
         # pinned 4.5-7.9 ms, unpinned 0.8-1.05 ms (ORT 0.6 ms in the same minutes).
-        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads, "NUM_STREAMS": 1,
+        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads, "NUM_STREAMS": self.streams,
                                "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         cfg["INFERENCE_PRECISION_HINT"] = _HINT[precision]
         if precision == "fp32":
@@ -271,7 +277,7 @@ class OpenVinoEngine(SessionEngine):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cpu": cpu_model(), "graphs": self._graphs_info(), "variant": self.variant,
-                "libraries": self._libraries(), "inference_num_threads": self.num_threads,
+                "libraries": self._libraries(), "inference_num_threads": self.num_threads, "num_streams": self.streams,
                 "cache_dir": None if self.cache_dir is None else str(self.cache_dir)}
 
     def close(self) -> None:
