@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from captrt.runtime.decoding.processing import neutral_feeds
+
 
 @dataclass
 class OpProfile:
@@ -102,8 +104,10 @@ def profile_graphs(model_dir: str | Path, precision: str = "fp32", *, batch: int
         feeds = {"tokens": rng.integers(1, mdir.vocab_size, size=(batch, beam), dtype=np.int64),
                  "origin": np.tile(np.arange(beam, dtype=np.int64), (batch, 1)), "h": h, "c": c,
                  "features": features, "att_proj": att_proj}
+        if mdir.controls:  # format 2: the default path's neutral controls
+            feeds.update(neutral_feeds(batch, beam, mdir.vocab_size))
         for _ in range(runs):
-            dec.run(None, feeds)
+            dec.run(["h_out", "c_out", "alpha", "cand_logp", "cand_ids"], feeds)
         dec_prof = summarize_events(_events(dec), "decoder_step", precision, runs)
     return enc_prof, dec_prof
 

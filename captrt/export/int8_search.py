@@ -33,6 +33,8 @@ import onnx
 from captrt.export.int8_calibrate import CALIBRATIONS, EncoderQuantizer, layer_label
 from captrt.export.int8_rank import rank_nodes
 from captrt.export.quantize import quantize_decoder
+from captrt.runtime.decoding.processing import neutral_feeds
+from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, LOGP_OUTPUT
 
 RANK_IMAGES = 4  # calibration images for the per-layer error ranking
 AT_FAULT = 5  # layers named when the search gives up
@@ -188,6 +190,14 @@ def _grow_and_bisect(build: Callable[[int], tuple[list[str], onnx.ModelProto]],
     return found
 
 
+def step_feeds(session: Any, n: int, k: int) -> dict[str, np.ndarray]:
+    """The neutral control inputs of a step session (format 2), or {} when it has none (format 1)."""
+    if not set(CONTROL_INPUTS) <= {i.name for i in session.get_inputs()}:
+        return {}
+    vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGP_OUTPUT)
+    return neutral_feeds(n, k, int(vocab))
+
+
 def measure_speedup(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc8: onnx.ModelProto,
                     dec8: onnx.ModelProto, image: np.ndarray, *, steps: int = 10, beams: int = 5,
                     repeats: int = 5, threads: int | None = None) -> dict[str, float]:
@@ -210,9 +220,10 @@ def measure_speedup(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc8: on
         features, att_proj, h, c = enc_s.run(["features", "att_proj", "h0", "c0"], {"image": feed})
         h, c = np.repeat(h[:, None], beams, 1), np.repeat(c[:, None], beams, 1)
         tokens, origin = np.ones((1, beams), np.int64), np.zeros((1, beams), np.int64)
+        controls = step_feeds(dec_s, 1, beams)  # the default path's (none for a format-1 graph)
         for _ in range(steps):
-            h, c, _, _, ids = dec_s.run(None, {"tokens": tokens, "origin": origin, "h": h, "c": c,
-                                               "features": features, "att_proj": att_proj})
+            h, c, _, _, ids = dec_s.run(list(DECODER_OUTPUTS), {"tokens": tokens, "origin": origin, "h": h, "c": c,
+                                                                "features": features, "att_proj": att_proj, **controls})
             tokens, origin = np.ascontiguousarray(ids[:, :, 0]), np.arange(beams, dtype=np.int64)[None]
         return time.perf_counter() - t0
 

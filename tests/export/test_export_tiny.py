@@ -17,6 +17,8 @@ from captrt.export.exporter import export_model
 from captrt.export.images import synthetic
 from captrt.export.ops import op_histogram, tensorrt_problems
 from captrt.export.parity import make_session, run_beam_searches
+from captrt.runtime.decoding.processing import neutral_feeds
+from captrt.runtime.model_dir import DECODER_OUTPUTS
 from captrt.train.checkpoint import load_checkpoint
 from captrt.train.model import normalize_uint8
 from captrt.train.reference import reference_beam_search
@@ -50,7 +52,7 @@ def test_directory_and_manifest_follow_the_format(exported):
     assert {p.name for p in d.iterdir()} == FILES
     assert [p.name for p in exported.parent.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
     assert json.loads((d / "captrt.json").read_text()) == m
-    assert (m["format"], m["format_version"], m["captrt_version"]) == ("captrt-model", 1, "0.1.0")
+    assert (m["format"], m["format_version"], m["captrt_version"]) == ("captrt-model", 2, "0.1.0")
     assert m["model"] == {"backbone": "resnet18", "enc_size": 4, "image_size": 256, "encoder_dim": 512,
                           "attention_dim": 32, "embed_dim": 32, "decoder_dim": 32, "vocab_size": cfg.vocab_size}
     v = exported.vocab
@@ -99,11 +101,14 @@ def test_graph_inputs_outputs_match_the_tables(exported, precision):
                                     "h0": (f32, ["batch", h]), "c0": (f32, ["batch", h])}
     assert io(dec.graph.input) == {"tokens": (i64, ["batch", "beams"]), "origin": (i64, ["batch", "beams"]),
                                    "h": (f32, ["batch", "prev_beams", h]), "c": (f32, ["batch", "prev_beams", h]),
-                                   "features": (f32, ["batch", p, e]), "att_proj": (f32, ["batch", p, a])}
+                                   "features": (f32, ["batch", p, e]), "att_proj": (f32, ["batch", p, a]),
+                                   "ban_ids": (i64, ["batch", "beams", "banned"]),
+                                   "penalty_ids": (i64, ["batch", "beams", "penalized"]), "penalty": (f32, ["batch"])}
     assert io(dec.graph.output) == {"h_out": (f32, ["batch", "beams", h]), "c_out": (f32, ["batch", "beams", h]),
                                     "alpha": (f32, ["batch", "beams", p]),
                                     "cand_logp": (f32, ["batch", "beams", MAX_BEAM]),
-                                    "cand_ids": (i64, ["batch", "beams", MAX_BEAM])}
+                                    "cand_ids": (i64, ["batch", "beams", MAX_BEAM]),
+                                    "logp": (f32, ["batch", "beams", cfg.vocab_size])}
     for graph in (enc, dec):
         assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data for t in graph.graph.initializer)
         onnx.checker.check_model(graph, full_check=True)
@@ -162,9 +167,15 @@ def test_step_batches_images_and_gathers_beams(exported):
         single = enc.run(None, {"image": images[i:i + 1]})
         np.testing.assert_allclose(single[0][0], feats[i], rtol=1e-4, atol=1e-4)
     n, v = 3, exported.vocab
+    outputs = list(DECODER_OUTPUTS)  # the default path's (logp: below)
+
+    def ctl(n_, k_):
+        return neutral_feeds(n_, k_, len(v))
+
     first = dec.run(None, {"tokens": np.full((n, 1), v.start, np.int64), "origin": np.zeros((n, 1), np.int64),
-                           "h": h0[:, None], "c": c0[:, None], "features": feats, "att_proj": att})
-    h1, c1, alpha, logp, ids = first
+                           "h": h0[:, None], "c": c0[:, None], "features": feats, "att_proj": att, **ctl(n, 1)})
+    h1, c1, alpha, logp, ids, full = first
+    np.testing.assert_array_equal(np.take_along_axis(full, ids, axis=2), logp)  # the candidates are logp's top C
     assert h1.shape == (n, 1, 32) and logp.shape == (n, 1, MAX_BEAM) and ids.dtype == np.int64
     np.testing.assert_allclose(alpha.sum(axis=2), 1.0, rtol=1e-5)
     assert (np.diff(logp, axis=2) <= 0).all()  # sorted descending
@@ -176,17 +187,18 @@ def test_step_batches_images_and_gathers_beams(exported):
     np.testing.assert_allclose(logp[:, 0], top.values.numpy(), atol=1e-4)
     # Second step: K_prev = 1 -> K = 3 beams; then K = 3 -> K = 4 with crossing origins.
     tokens2 = ids[:, 0, :3]
-    h2, c2, _, _, _ = dec.run(None, {"tokens": tokens2, "origin": np.zeros((n, 3), np.int64), "h": h1, "c": c1,
-                                     "features": feats, "att_proj": att})
+    h2, c2, _, _, _ = dec.run(outputs, {"tokens": tokens2, "origin": np.zeros((n, 3), np.int64), "h": h1, "c": c1,
+                                        "features": feats, "att_proj": att, **ctl(n, 3)})
     origin = np.array([[2, 0, 2, 1], [1, 1, 0, 2], [0, 2, 1, 0]], np.int64)
     tokens3 = np.array([[4, 5, 6, 7], [5, 5, 8, 9], [7, 6, 5, 4]], np.int64)
-    out = dec.run(None, {"tokens": tokens3, "origin": origin, "h": h2, "c": c2, "features": feats, "att_proj": att})
+    out = dec.run(outputs, {"tokens": tokens3, "origin": origin, "h": h2, "c": c2, "features": feats, "att_proj": att,
+                            **ctl(n, 4)})
     for b in range(n):
         for k in range(4):  # every slot equals a one-image one-beam step from its parent's state
             o = origin[b, k]
-            one = dec.run(None, {"tokens": tokens3[b:b + 1, k:k + 1], "origin": np.zeros((1, 1), np.int64),
-                                 "h": h2[b:b + 1, o:o + 1], "c": c2[b:b + 1, o:o + 1],
-                                 "features": feats[b:b + 1], "att_proj": att[b:b + 1]})
+            one = dec.run(outputs, {"tokens": tokens3[b:b + 1, k:k + 1], "origin": np.zeros((1, 1), np.int64),
+                                    "h": h2[b:b + 1, o:o + 1], "c": c2[b:b + 1, o:o + 1],
+                                    "features": feats[b:b + 1], "att_proj": att[b:b + 1], **ctl(1, 1)})
             for full, single in zip(out, one):
                 np.testing.assert_allclose(full[b, k], single[0, 0], rtol=1e-5, atol=1e-5)
 

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from captrt.export.images import synthetic
 from captrt.export.quantize import quantize_decoder, quantize_decoder_dynamic, quantize_encoder
+from captrt.runtime.decoding.processing import neutral_feeds
 from captrt.train.checkpoint import load_checkpoint
 from tests.export.helpers import make_varied_length_checkpoint
 from tests.export.int8_helpers import captions, session, trace_graphs
@@ -55,7 +56,12 @@ def _step_feeds(n: int, k: int, dec: onnx.ModelProto, seed: int = 0) -> dict[str
             "c": rng.standard_normal((n, k, hidden)).astype(np.float32),
             # Rows of very different magnitudes: a per-call scale is set by the largest one.
             "features": (rng.random((n, p, e)) * np.geomspace(0.1, 10, n)[:, None, None]).astype(np.float32),
-            "att_proj": rng.standard_normal((n, p, a)).astype(np.float32)}
+            "att_proj": rng.standard_normal((n, p, a)).astype(np.float32),
+            **({} if "ban_ids" not in dims else neutral_feeds(n, k, _vocab(dec)))}
+
+
+def _vocab(dec: onnx.ModelProto) -> int:
+    return next(o.type.tensor_type.shape.dim[2].dim_value for o in dec.graph.output if o.name == "logp")
 
 
 @pytest.mark.parametrize("form", ["u8u8", "u8s8"])

@@ -26,6 +26,11 @@ def neutral_controls(n: int, k: int, vocab_size: int) -> StepControls:
     return StepControls(pad, pad, np.ones(n, dtype=np.float32))
 
 
+def neutral_feeds(n: int, k: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """The control inputs of a format-2 step graph on the default path, for callers that run it directly."""
+    return neutral_controls(n, k, vocab_size).feeds()
+
+
 def step_controls(rules: LogitRules, seqs: np.ndarray) -> StepControls:
     """seqs: int64 (N, K, t), the words each slot generated so far -> this step's StepControls."""
     n, k, t = seqs.shape
