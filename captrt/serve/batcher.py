@@ -4,9 +4,11 @@ Requests put decoded images (uint8 (S, S, 3)) into a bounded FIFO queue and awai
 image. One loop on the event loop forms batches: it looks at the oldest waiting image, gathers up
 to ``max_batch`` images with the same decoding parameters (DecodeParams.batch_key; oldest first) and starts the engine as
 soon as the batch is full, or the oldest image has waited ``max_wait_s``, or no other request is on its
-way (being received or decoded: see ``incoming``), since then waiting could only add latency. The engine runs on a single
-worker thread (it already uses every core), so the event loop never blocks on inference, and while
-one batch runs the next one fills up: under load, batches grow by themselves.
+way (being received or decoded: see ``incoming``), since then waiting could only add latency. The engine runs on
+``streams`` worker threads (default 1: one batch at a time, using every core), so the event loop never
+blocks on inference. Up to ``streams`` batches are in flight at once (the captioner's streams,
+captrt.runtime.streams): the loop forms a new batch only while fewer are running, and while all of them
+run the next one fills up: under load, batches grow by themselves.
 """
 
 from __future__ import annotations
@@ -84,15 +86,20 @@ class _Job:
     enqueued: float  # loop.time()
 
 
-# run(pixels: list of (S, S, 3), params) -> one result per image, in order; called on the worker thread.
+# run(pixels: list of (S, S, 3), params) -> one result per image, in order; called on a worker thread
+# (up to `streams` calls at once).
 RunBatch = Callable[[list[np.ndarray], DecodeParams], Sequence[Any]]
 
 
 class Batcher:
     """Bounded queue + batch-forming loop. All methods but the worker call run on the event loop."""
 
-    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_s: float, capacity: int, metrics: Any = None):
+    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_s: float, capacity: int, metrics: Any = None,
+                 streams: int = 1):
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive integer, got {streams!r}")
         self._run = run
+        self.streams = streams
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.capacity = capacity
@@ -103,12 +110,18 @@ class Batcher:
         self._closing = False
         self._busy_s = 0.05  # running mean of one engine call: sizes Retry-After
         self._incoming = 0  # requests being received/decoded: images that may join the next batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captrt-engine")
+        self._running: set[asyncio.Task] = set()  # batches in the engine (at most `streams`)
+        self._executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="captrt-engine")
 
     @property
     def depth(self) -> int:
-        """Images waiting for the engine (not counting the batch that is running)."""
+        """Images waiting for the engine (not counting the batches that are running)."""
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Batches in the engine now (0..streams)."""
+        return sum(1 for t in self._running if not t.done())
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -154,12 +167,15 @@ class Batcher:
         return dropped
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained: waiting batches x mean engine call, at least 1."""
+        """Seconds until the queue has likely drained: waiting batches x mean engine call, at least 1.
+        `streams` batches run at once, so the waiting batches take ceil(batches / streams) rounds (the
+        mean call is measured with the streams sharing the cores, so it already holds their slow-down)."""
         batches = -(-max(len(self._queue), 1) // self.max_batch)
-        return max(1, int(round(batches * self._busy_s + 0.5)))
+        rounds = -(-batches // self.streams)
+        return max(1, int(round(rounds * self._busy_s + 0.5)))
 
     async def close(self) -> None:
-        """Finish every queued image, then stop the loop and the worker thread."""
+        """Finish every queued image (and every batch in flight), then stop the loop and the worker threads."""
         self._closing = True
         if self._wakeup is not None:
             self._wakeup.set()
@@ -217,29 +233,42 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while await self._wait_for_batch():
+        while True:
+            while self.running >= self.streams:  # every stream busy: the queue fills while they run
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+            if not await self._wait_for_batch():
+                break
             jobs = self._take()
-            params = DecodeParams.for_batch([j.params for j in jobs])
-            if self._metrics is not None:
-                self._metrics.batch_size.observe(len(jobs))
-            start = loop.time()
-            try:
-                results = await loop.run_in_executor(self._executor, self._run, [j.pixels for j in jobs], params)
-                if len(results) != len(jobs):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(jobs)} images")
-            except Exception as exc:  # the engine failed: every image of the batch gets the error
-                log.exception("batch of %d images failed", len(jobs))
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            finally:
-                took = loop.time() - start
-                self._busy_s = 0.8 * self._busy_s + 0.2 * took
-                if self._metrics is not None:
-                    self._metrics.inference_seconds.observe(took)
-            for j, r in zip(jobs, results):
+            task = loop.create_task(self._run_jobs(jobs), name="captrt-batch")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)  # the set holds only batches in flight
+        if self._running:  # closing: the batches in flight finish before the worker threads stop
+            await asyncio.gather(*self._running)
+
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        """One batch on a worker thread; its results (or the engine's error) go to its own futures."""
+        loop = asyncio.get_running_loop()
+        params = DecodeParams.for_batch([j.params for j in jobs])
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(jobs))
+        start = loop.time()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, [j.pixels for j in jobs], params)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(jobs)} images")
+        except Exception as exc:  # the engine failed: every image of the batch gets the error
+            log.exception("batch of %d images failed", len(jobs))
+            for j in jobs:
                 if not j.future.done():
-                    j.future.set_result(r)
+                    j.future.set_exception(exc)
+            return
+        finally:
+            took = loop.time() - start
+            self._busy_s = 0.8 * self._busy_s + 0.2 * took
             if self._metrics is not None:
-                self._metrics.images_captioned.inc(len(jobs))
+                self._metrics.inference_seconds.observe(took)
+        for j, r in zip(jobs, results):
+            if not j.future.done():
+                j.future.set_result(r)
+        if self._metrics is not None:
+            self._metrics.images_captioned.inc(len(jobs))

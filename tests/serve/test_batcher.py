@@ -205,3 +205,116 @@ def test_return_scores_does_not_split_a_batch():
     assert DecodeParams.for_batch([P5, scored]).return_scores and not DecodeParams.for_batch([P5]).return_scores
     other = replace(P5, controls=(("min_length", 3),))
     assert other.batch_key != P5.batch_key  # a different search: never the same batch
+
+
+class Streams:
+    """run() for S > 1: counts the calls running at once (peak), records each batch's ids in start order;
+    a batch whose first id is in `held` blocks until its event is set."""
+
+    def __init__(self, *held: int) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+        self.calls: list[list[int]] = []
+        self.held = {i: threading.Event() for i in held}
+
+    def __call__(self, pixels: list[np.ndarray], params: DecodeParams) -> list[int]:
+        ids = [int(p[0, 0, 0]) for p in pixels]
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.calls.append(ids)
+        try:
+            if ids[0] in self.held:
+                assert self.held[ids[0]].wait(10)
+            return [i * 10 for i in ids]
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def release(self) -> None:
+        for e in self.held.values():
+            e.set()
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+def test_two_streams_run_two_batches_at_once_and_results_reach_their_futures():
+    """S = 2: two batches are in the engine together (never a third), the second may finish first, and
+    every image's future gets its own result; the third batch starts as soon as a stream frees."""
+    async def main():
+        rec = Streams(0, 2)
+        b = Batcher(rec, max_batch=2, max_wait_s=0.0, capacity=16, streams=2)
+        b.start()
+        futures = b.submit([img(i) for i in range(6)], P5)
+        await until(lambda: rec.active == 2)
+        await asyncio.sleep(0.02)  # a third batch would have started by now if the loop ignored S
+        assert rec.calls == [[0, 1], [2, 3]] and b.running == 2 and b.depth == 2
+        rec.held[2].set()  # the second batch finishes first...
+        assert await asyncio.gather(*futures[2:4]) == [20, 30]
+        await until(lambda: len(rec.calls) == 3)  # ...and its stream takes the next batch at once
+        assert not futures[0].done() and rec.calls[2] == [4, 5]
+        rec.held[0].set()
+        results = await asyncio.gather(*futures)
+        await until(lambda: not b._running)  # finished batches are not kept (a long-running service)
+        await b.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [i * 10 for i in range(6)] and rec.peak == 2
+
+
+def test_two_streams_keep_the_queue_capacity_retry_after_and_cancel():
+    """Capacity counts queued images only (not the S batches running); a full queue refuses whole
+    requests with a Retry-After of ceil(waiting batches / S) mean engine calls; cancelled images are dropped."""
+    async def main():
+        metrics = ServeMetrics()
+        rec = Streams(0, 1)
+        b = Batcher(rec, max_batch=1, max_wait_s=0.0, capacity=3, metrics=metrics, streams=2)
+        b.start()
+        running = b.submit([img(0)], P5) + b.submit([img(1)], P5)
+        await until(lambda: rec.active == 2)
+        queued = b.submit([img(2), img(3)], P5)
+        assert b.depth == 2
+        b._busy_s = 4.2  # a measured mean engine call, pinned for the arithmetic below
+        b.submit([img(4)], P5)
+        with pytest.raises(QueueFullError) as info:
+            b.submit([img(5)], P5)  # 3 + 1 > 3: refused, nothing of it queued
+        assert info.value.retry_after == round(2 * 4.2 + 0.5)  # 3 one-image batches on 2 streams: 2 rounds
+        assert b.cancel(queued[1:]) == 1 and b.depth == 2  # image 3: the client left
+        rec.release()
+        results = await asyncio.gather(*running, *queued[:1])
+        await b.close()
+        return rec, metrics, results
+
+    rec, metrics, results = run(main())
+    assert results == [0, 10, 20]
+    assert sorted(ids for call in rec.calls for ids in call) == [0, 1, 2, 4]  # 3 never reached the engine
+    assert metrics.queue_depth._value.get() == 0 and metrics.images_dropped._value.get() == 1
+
+
+def test_close_with_two_streams_drains_the_batches_in_flight_and_the_queue():
+    """close() refuses new work at once, waits for both running batches and runs what is still queued."""
+    async def main():
+        rec = Streams(0, 1)
+        b = Batcher(rec, max_batch=1, max_wait_s=60.0, capacity=8, streams=2)
+        b.start()
+        with b.incoming():  # company on its way: without close, image 2 could wait up to max_wait
+            futures = b.submit([img(i) for i in range(3)], P5)
+            await until(lambda: rec.active == 2)
+            closing = asyncio.get_running_loop().create_task(b.close())
+            await asyncio.sleep(0.02)
+            assert not closing.done() and not any(f.done() for f in futures)
+            with pytest.raises(BatcherClosedError):
+                b.submit([img(9)], P5)
+            rec.release()
+            await closing
+        return [f.result() for f in futures], rec
+
+    results, rec = run(main())
+    assert results == [0, 10, 20] and sorted(rec.calls) == [[0], [1], [2]] and rec.peak == 2
