@@ -21,6 +21,19 @@ def _fail(exc: Exception) -> None:
 KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, FileNotFoundError, RuntimeError)
 
 
+def _streams(value: str) -> int | str:
+    """--streams: 'auto' or a positive integer (a bad one ends with one line, exit 2)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        _fail(ValueError(f"--streams must be a positive integer or 'auto', got {value!r}"))
+    return n
+
+
 @app.command()
 def synth(out: Path = typer.Argument(..., help="output directory"),
           images: int = typer.Option(1000, "--images", help="number of images"),
@@ -306,7 +319,8 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
 
 @app.command()
 def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
-          engine: str = typer.Option("ort,torch,reference", "--engine", help="comma list: ort, openvino, trt, torch, reference"),
+          engine: str = typer.Option("ort,torch,reference", "--engine", help="comma list: ort, openvino, trt, torch, "
+                                     "reference, torch-compile (the reference with its encoder through torch.compile)"),
           precision: str = typer.Option("fp32", "--precision", help="comma list: fp32, fp16, int8, bf16 (pairs that do not exist are skipped with the reason)"),
           device: str = typer.Option("cpu", "--device"),
           batch: str = typer.Option("1,8", "--batch", help="comma list of batch sizes"),
@@ -315,9 +329,14 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           warmup: int = typer.Option(2, "--warmup"),
           iters: int = typer.Option(10, "--iters"),
           max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="time budget per configuration"),
-          threads: Optional[int] = typer.Option(None, "--threads"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: all cores; "
+                                                "streams rows: the cores // S)"),
+          streams: Optional[str] = typer.Option(None, "--streams", help="comma list of stream counts S: rows of "
+                                                "Captioner.load(streams=S) captioning a list of images (ort/openvino/trt)"),
+          decoding: bool = typer.Option(False, "--decoding", help="also time the options path on ort fp32 "
+                                        "(num_hypotheses=3, return_scores, no_repeat_ngram_size=3, min_length=5)"),
           images: Optional[Path] = typer.Option(None, "--images", help="image directory or Karpathy JSON"),
-          checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="for torch/reference"),
+          checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="for torch/reference/torch-compile"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                 help="bench precisions that missed the quality budget (marked so)")):
@@ -327,7 +346,8 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
     try:
         run_bench(model, engines=engine, precisions=precision, device=device, batches=batch, beams=beam, steps=steps,
                   warmup=warmup, iters=iters, max_seconds=max_seconds, threads=threads, images=images,
-                  checkpoint=checkpoint, json_out=json_out, allow_unverified=allow_unverified)
+                  checkpoint=checkpoint, json_out=json_out, allow_unverified=allow_unverified, streams=streams,
+                  decoding=decoding)
     except KNOWN_ERRORS as exc:
         _fail(exc)
 
@@ -338,7 +358,11 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
           precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | bf16 (bf16: --engine openvino)"),
           providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, e.g. tensorrt"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="engine threads (default: all cores)"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="engine threads of each stream (default: "
+                                                                        "the cores divided among the streams)"),
+          streams: str = typer.Option("1", "--streams", help="batches in flight at once over the one loaded model "
+                                                             "(auto: one per core)"),
+          oversubscribe: bool = typer.Option(False, "--oversubscribe", help="allow streams x threads above the cores"),
           host: str = typer.Option("127.0.0.1", "--host", help="bind address (loopback by default)"),
           port: int = typer.Option(8000, "--port"),
           max_batch: int = typer.Option(16, "--max-batch", help="images per batched engine call (1 = no batching)"),
@@ -363,7 +387,8 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
     from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
     config = ServeConfig(model=model, engine=engine, device=device, precision=precision, providers=providers,
-                         threads=threads, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         threads=threads, streams=_streams(streams), oversubscribe=oversubscribe,
+                         host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
                          log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)

@@ -160,6 +160,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
     def install(cap: Captioner) -> None:
         cap.warmup(batch_sizes=sorted({1, config.max_batch}), beam_size=DEFAULT_WARM_BEAM)
         state.captioner = cap
+        metrics.streams_busy.set_function(lambda: cap.slots.busy)  # searches holding a stream, read per scrape
         state.max_steps_cap = config.max_steps_cap or cap.model.max_steps
         state.info = {**cap.info(), "max_steps_cap": state.max_steps_cap, "max_batch": config.max_batch,
                       "image_formats": list(config.image_formats), "max_images_per_request": config.max_images,
@@ -170,7 +171,8 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
     def load() -> None:
         cap = captioner or Captioner.load(
             config.model, engine=config.engine, device=config.device, precision=config.precision,
-            threads=config.threads, providers=config.providers, image_formats=config.image_formats,
+            threads=config.threads, streams=config.streams, oversubscribe=config.oversubscribe,
+            providers=config.providers, image_formats=config.image_formats,
             max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_body_bytes,
             allow_unverified=config.allow_unverified)
         install(cap)
@@ -191,7 +193,8 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
                 return
             assert state.captioner is not None
             batcher = Batcher(_run_batch(state.captioner), max_batch=config.max_batch,
-                              max_wait_s=config.max_wait_s, capacity=config.queue, metrics=metrics)
+                              max_wait_s=config.max_wait_s, capacity=config.queue, metrics=metrics,
+                              streams=state.captioner.streams)  # up to S batches in flight, one per stream
             batcher.start()
             state.batcher = batcher
             metrics.ready.set(1)

@@ -23,7 +23,9 @@ class ServeConfig:
     engine: str = "ort"
     device: str | None = None
     precision: str = "fp32"
-    threads: int | None = None          # engine intra-op threads (None: all usable cores)
+    threads: int | None = None          # engine intra-op threads of each stream (None: the cores divided among them)
+    streams: int | str = 1              # batches in flight at once over the one model ('auto': one per core)
+    oversubscribe: bool = False         # allow streams x threads above the usable cores
     providers: str | None = None        # ONNX Runtime providers ('tensorrt' for its TensorRT EP)
     allow_unverified: bool = False      # serve a precision that has not met the quality budget here
     host: str = "127.0.0.1"             # loopback unless asked: a captioning model is not a public API by default
@@ -56,6 +58,16 @@ class ServeConfig:
             positive(name, getattr(self, name))
         for name in ("threads", "max_steps_cap", "max_image_pixels", "decode_threads"):
             positive(name, getattr(self, name), allow_none=True)
+        if self.streams != "auto" and (isinstance(self.streams, bool) or not isinstance(self.streams, int)
+                                       or self.streams < 1):
+            raise ValueError(f"--streams must be a positive integer or 'auto', got {self.streams!r}")
+        from captrt.runtime.streams import StreamPlan
+
+        try:  # S x T within the usable cores unless --oversubscribe
+            StreamPlan.resolve(self.streams, self.threads, oversubscribe=self.oversubscribe)
+        except ValueError as exc:
+            flags = f"--streams {self.streams}" + (f" --threads {self.threads}" if self.threads is not None else "")
+            raise ValueError(f"{flags}: {exc}") from None
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port!r}")
         for name in ("max_wait_ms", "timeout_s"):

@@ -20,7 +20,7 @@ def route_label(path: str) -> str:
 
 
 class ServeMetrics:
-    """Requests by route and status, latency, batch sizes, queue depth, images captioned."""
+    """Requests by route and status, latency, batch sizes, queue depth, busy streams, images captioned."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -34,6 +34,7 @@ class ServeMetrics:
         self.inference_seconds = Histogram("captrt_inference_seconds", "Wall time of one batched engine call",
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("captrt_queue_depth", "Images waiting for the engine", registry=r)
+        self.streams_busy = Gauge("captrt_streams_busy", "Streams running a batch now (of --streams)", registry=r)
         self.images_captioned = Counter("captrt_images_captioned", "Images the engine captioned (also those whose client left mid-inference)", registry=r)
         self.images_dropped = Counter("captrt_images_dropped", "Queued images dropped before inference "
                                       "(client disconnected or request timed out)", registry=r)

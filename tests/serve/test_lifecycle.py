@@ -124,3 +124,40 @@ def test_bad_configuration_exits_2(serve_model_dir, tmp_path):
         busy.listen(1)
         proc = run("--model", str(serve_model_dir), "--port", str(busy.getsockname()[1]))
     assert proc.returncode == 2 and "cannot listen there" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_streams_serve_the_library_captions(serve_model_dir, jpegs, tmp_path):
+    """--streams 2 --threads 1: concurrent requests get Captioner.caption's captions, /v1/model reports
+    the streams and threads, and /metrics has captrt_streams_busy (a gauge within 0..2)."""
+    from captrt.runtime import Captioner
+
+    with Captioner.load(serve_model_dir, threads=1) as cap:
+        expected = [c.tokens for c in cap.caption(jpegs[:8], beam_size=3)]
+    with ServerProcess(serve_model_dir, "--streams", "2", "--threads", "1", "--max-batch", "2",
+                       log=tmp_path / "log") as srv:
+        info = httpx.get(srv.url + "/v1/model").json()
+        assert (info["streams"], info["threads"]) == (2, 1)
+        rs = asyncio.run(_burst(srv.url, [parts([jpegs[i]]) for i in range(8)], {"beam_size": "3"}))
+        assert [r.status_code for r in rs] == [200] * 8, [r.text for r in rs]
+        assert [r.json()["captions"][0]["tokens"] for r in rs] == expected
+        text = httpx.get(srv.url + "/metrics").text
+        assert "# TYPE captrt_streams_busy gauge" in text and 0 <= metric(text, "captrt_streams_busy") <= 2
+        assert metric(text, "captrt_images_captioned_total") == 8
+
+
+def test_bad_streams_exit_2_with_one_line(serve_model_dir):
+    """--streams 0, or streams x threads above the usable cores without --oversubscribe: one error line,
+    exit 2, before anything loads (in-process: no server starts)."""
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+    from captrt.runtime.streams import usable_cores
+
+    runner = CliRunner()
+    too_many = str(usable_cores() + 1)
+    for args, needle in ((("--streams", "0"), "--streams must be a positive integer or 'auto', got '0'"),
+                         (("--streams", "two"), "--streams must be a positive integer or 'auto'"),
+                         (("--streams", too_many, "--threads", "1"), "--oversubscribe")):
+        res = runner.invoke(app, ["serve", "--model", str(serve_model_dir), "--port", "0", *args])
+        assert res.exit_code == 2 and needle in res.output, (args, res.output)
+        assert res.output.startswith("captrt: error: ") and res.output.count("\n") == 1, res.output
