@@ -1,5 +1,5 @@
 """The real service (uvicorn in a subprocess, demo-sized model): captions, batching, every error code,
-metrics, disconnecting clients, memory under 2,000 requests."""
+metrics, disconnecting clients, flat memory over many requests."""
 
 from __future__ import annotations
 
@@ -249,8 +249,18 @@ def test_disconnecting_clients_cost_nothing(server, auth, jpegs):
     assert post(server, parts([jpegs[0]]), headers=auth).status_code == 200
 
 
-def test_memory_is_flat_over_2000_requests(server, auth, jpegs):
-    """RSS after 2,000 requests stays within a small bound of RSS after the first 200."""
+def test_memory_is_flat_over_many_requests(server, auth, jpegs):
+    """RSS does not grow with the requests served: no per-request leak of 8 kB or more.
+
+    300 requests warm the service up (allocator arenas, ONNX Runtime's buffers for every batch size the
+    8 clients form; measured here, RSS still rose 1.7 MiB over requests 200-400, then stayed within
+    0.1 MiB). Then RSS is read after each of 5 rounds of 100 requests, and the least-squares slope of
+    the 6 readings must stay under 8 kB per request. This keeps the finding of the earlier
+    2,000-request version (RSS after 2,000 within 16 MiB of RSS after 200: under 9 kB per request, so a
+    10 kB-per-request leak failed it) with 800 requests: a steady leak has the same slope over 500
+    requests as over 1,800, and one-off growth is still allowed for (a step of up to 3 MiB between any
+    two rounds passes; a 10 kB-per-request leak, 1 MiB per round, fails).
+    """
     async def run(n: int) -> int:
         sent = 0
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=8)) as http:
@@ -265,12 +275,16 @@ def test_memory_is_flat_over_2000_requests(server, auth, jpegs):
             await asyncio.gather(*(worker(k) for k in range(8)))
         return sent
 
-    assert asyncio.run(run(200)) == 200
-    rss_200 = server.rss_bytes()
-    assert asyncio.run(run(1800)) == 1800
-    rss_2000 = server.rss_bytes()
-    # measured here: +1.2 MiB on 366 MiB; a leak of 10 kB per request would add 18 MiB
-    assert rss_2000 - rss_200 < 16 * 1024 * 1024, (rss_200, rss_2000)
+    assert asyncio.run(run(300)) == 300
+    rounds, per_round = 5, 100
+    rss = [server.rss_bytes()]
+    for _ in range(rounds):
+        assert asyncio.run(run(per_round)) == per_round
+        rss.append(server.rss_bytes())
+    xs = [k * per_round for k in range(rounds + 1)]  # requests served since the warm-up
+    mx, my = sum(xs) / len(xs), sum(rss) / len(rss)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, rss)) / sum((x - mx) ** 2 for x in xs)  # bytes per request
+    assert slope < 8 * 1024, ([r / 2**20 for r in rss], slope)
 
 
 def test_event_loop_answers_while_the_engine_runs(server, auth, jpegs):
