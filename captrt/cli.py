@@ -274,7 +274,12 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
                                                  "joins a running cluster"),
           actors: Optional[int] = typer.Option(None, "--actors", help="Ray actors (default: CPUs / threads per actor)"),
           threads_per_actor: Optional[int] = typer.Option(None, "--threads-per-actor", help="engine threads per actor"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="local mode: engine threads (default: all cores)"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="local mode: engine threads of each stream "
+                                                                        "(default: the cores divided among them)"),
+          streams: Optional[str] = typer.Option(None, "--streams", help="local mode: batches captioned at once over "
+                                                                        "the one loaded model (default 1; auto: one per core)"),
+          oversubscribe: bool = typer.Option(False, "--oversubscribe", help="local mode: allow streams x threads "
+                                                                            "above the cores"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                 help="load a precision whose quality verification is missing or failed"),
           num_hypotheses: int = typer.Option(1, "--num-hypotheses", help="hypotheses per image (<= --beam)", rich_help_panel=_DC),
@@ -303,7 +308,8 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
         result = run_batch(sources, model, out, engine=engine, device=device, precision=precision, beam=beam,
                            max_steps=max_steps, batch_size=batch_size, fmt=fmt, resume=resume, split=split,
                            shard_rows=shard_rows, ray=ray, actors=actors, threads_per_actor=threads_per_actor,
-                           threads=threads, allow_unverified=allow_unverified, decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
+                           threads=threads, streams=None if streams is None else _streams(streams),
+                           oversubscribe=oversubscribe, allow_unverified=allow_unverified, decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
                                    min_length=min_length, repetition_penalty=repetition_penalty,
                                    no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix, sample=sample,
                                    sampling_topk=sampling_topk, sampling_topp=sampling_topp,

@@ -80,7 +80,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
               device: str | None = None, precision: str = "fp32", beam: int = 5, max_steps: int = 50,
               batch_size: int = 16, fmt: str = "parquet", resume: bool = False, split: str | None = None,
               shard_rows: int = DEFAULT_SHARD_ROWS, ray: str | None = None, actors: int | None = None,
-              threads_per_actor: int | None = None, threads: int | None = None, decode_threads: int | None = None,
+              threads_per_actor: int | None = None, threads: int | None = None, streams: int | str | None = None,
+              oversubscribe: bool = False, decode_threads: int | None = None,
               decode: str = "actor", allow_unverified: bool = False, progress: bool | None = None,
               stream: TextIO | None = None, log_interval_s: float = 30.0,
               on_shard: Callable[[dict[str, Any]], None] | None = None, ray_init: dict[str, Any] | None = None,
@@ -90,9 +91,13 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     ray: None runs in this process (local mode); 'local' starts a Ray instance on this machine;
     'auto' or 'HOST:PORT' / 'ray://HOST:PORT' joins a running cluster. actors, threads_per_actor:
     the Ray actor pool (default: as many 1-thread actors as the cluster has CPUs, see ray_mode).
-    threads: engine threads in local mode (default all cores); decode_threads: decoding threads in
-    local mode (default: the number of cores). decode: Ray mode only, 'actor' (decode inside the
-    actors) or 'tasks' (separate Ray Data tasks) on `stream` (default stderr).
+    threads: engine threads in local mode (of each stream; default: the cores divided among the
+    streams); streams: local mode, batches captioned at once over the one loaded model (None = 1;
+    'auto': one per core; S x threads above the usable cores is refused unless oversubscribe; Ray mode
+    refuses both, its actors being its parallelism); decode_threads: decoding threads in local mode
+    (default: the number of cores).
+    decode: Ray mode only, 'actor' (decode inside the actors) or 'tasks' (separate Ray Data tasks)
+    on `stream` (default stderr).
     progress None or True: a bar on a terminal, a line every log_interval_s otherwise; False: none. on_shard(entry): called
     with each new manifest entry. ray_init: extra ray.init() keyword arguments. decoding: the decoding
     controls (Captioner.caption's keyword arguments: num_hypotheses ... seed); shards hold the caption
@@ -120,6 +125,11 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                               "(write SOURCE before --ray, or --ray local)")
     if ray is None and (actors is not None or threads_per_actor is not None):
         raise BatchUsageError("--actors and --threads-per-actor apply to --ray only")
+    if streams is not None and streams != "auto":
+        _positive("streams", streams)
+    if ray is not None and (streams is not None or oversubscribe):
+        raise BatchUsageError("--streams and --oversubscribe apply to local mode only: Ray runs actors, each with "
+                              "its own model (--actors x --threads-per-actor)")
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not resume:
         raise BatchUsageError(f"{out}: already exists (pass --resume to continue that run, or choose a new -o)")
@@ -160,7 +170,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         from captrt.runtime.captioner import Captioner
 
         try:
-            captioner = Captioner.load(model, threads=threads, **load_options)
+            captioner = Captioner.load(model, threads=threads, streams=streams or 1, oversubscribe=oversubscribe,
+                                       **load_options)
         except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
             raise BatchUsageError(str(exc)) from None
         if beam > captioner.max_beam:

@@ -4,8 +4,11 @@
 
 The calling thread walks the inputs, keeps at most `lookahead` images submitted to a small thread
 pool (Pillow and ONNX Runtime both release the GIL, so decoding the next batch runs while the engine
-works on this one), and captions `batch_size` decoded images per engine call. Memory is bounded by the
-look-ahead, one batch and the chunks not yet complete, never by the size of the corpus.
+works on this one), and captions `batch_size` decoded images per engine call. With a Captioner of S > 1
+streams, up to S batches are captioned at once (each call on a pool of S threads, holding one stream),
+and their rows reach the Assembler in input order, oldest batch first. Memory is bounded by the
+look-ahead, the batch being filled, the S batches in flight and the chunks not yet complete, never by
+the size of the corpus.
 """
 
 from __future__ import annotations
@@ -66,22 +69,45 @@ def run_local(chunks: Iterable[Chunk], captioner: Any, assembler: Assembler, *, 
                 yield chunk.start + offset, path
 
     batch: list[tuple[int, str, np.ndarray]] = []
+    streams = getattr(captioner, "streams", 1)
+    pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="captrt-batch") if streams > 1 else None
+    in_flight: collections.deque[tuple[list[tuple[int, str]], Future]] = collections.deque()  # oldest first
+
+    def caption(images: list[np.ndarray]) -> list[Any]:
+        return captioner.caption(images, beam_size=beam, max_steps=max_steps, batch_size=len(images),
+                                 **(decoding or {}))
+
+    def deliver(where: list[tuple[int, str]], caps: list[Any]) -> None:
+        for row in result_rows(where, caps, stamp):
+            assembler.add(row)
+        on_rows(len(where))
 
     def flush() -> None:
-        caps = captioner.caption([img for _, _, img in batch], beam_size=beam, max_steps=max_steps,
-                                 batch_size=len(batch), **(decoding or {}))
-        for row in result_rows([(i, p) for i, p, _ in batch], caps, stamp):
-            assembler.add(row)
-        on_rows(len(batch))
+        where, images = [(i, p) for i, p, _ in batch], [img for _, _, img in batch]
         batch.clear()
+        if pool is None:
+            deliver(where, caption(images))
+            return
+        if len(in_flight) >= streams:  # every stream busy: the oldest batch's rows first, then its slot
+            done_where, fut = in_flight.popleft()
+            deliver(done_where, fut.result())
+        in_flight.append((where, pool.submit(caption, images)))
 
-    for index, path, image in decode_ahead(items(), read, decode_threads, lookahead=2 * batch_size + decode_threads):
-        if isinstance(image, str):
-            assembler.add(error_row(index, path, image, stamp))
-            on_rows(1)
-            continue
-        batch.append((index, path, image))
-        if len(batch) == batch_size:
+    try:
+        for index, path, image in decode_ahead(items(), read, decode_threads,
+                                               lookahead=2 * batch_size + decode_threads):
+            if isinstance(image, str):
+                assembler.add(error_row(index, path, image, stamp))
+                on_rows(1)
+                continue
+            batch.append((index, path, image))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+        while in_flight:
+            done_where, fut = in_flight.popleft()
+            deliver(done_where, fut.result())
+    finally:  # interrupted or failed: queued batches are dropped, running ones end before the captioner closes
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -225,3 +226,69 @@ def test_decoding_controls_reach_the_rows_and_bad_ones_stop_before_start(batch_m
                                    "--no-repeat-ngram-size", "-1"])
     assert res.exit_code == 2 and "no_repeat_ngram_size must be an integer >= 0" in res.output
     assert not (tmp_path / "n").exists()
+
+
+def test_two_streams_give_exactly_the_rows_of_one(batch_model_dir, mixed, tmp_path):
+    """--streams 2 --threads 1: the same table as one stream (order, captions, scores, errors, shards);
+    with --ray the flag is refused before anything starts, as is a bad value."""
+    root, _ = mixed
+    opts = {**OPTS, "batch_size": 2, "shard_rows": 4, "threads": 1}
+    one = run_batch([str(root)], batch_model_dir, tmp_path / "one", **opts)
+    two = run_batch([str(root)], batch_model_dir, tmp_path / "two", streams=2, **opts)
+    assert (two.captioned, two.failed) == (one.captioned, one.failed) == (10, 4)
+    pd.testing.assert_frame_equal(read_rows(tmp_path / "two"), read_rows(tmp_path / "one"))
+    shards = [json.loads((tmp_path / d / MANIFEST).read_text())["shards"] for d in ("one", "two")]
+    assert shards[0] == shards[1]
+    res = CliRunner().invoke(app, ["batch", str(root), "--model", str(batch_model_dir), "-o", str(tmp_path / "r"),
+                                   "--ray", "--streams", "2"])
+    assert res.exit_code == 2 and "--streams and --oversubscribe apply to local mode only" in res.output, res.output
+    from captrt.runtime.streams import usable_cores
+
+    for value, message in (("0", "--streams must be a positive integer or 'auto'"),
+                           (str(usable_cores() + 1), "--oversubscribe")):
+        res = CliRunner().invoke(app, ["batch", str(root), "--model", str(batch_model_dir), "-o", str(tmp_path / "n"),
+                                       "--streams", value, "--threads", "1"])
+        assert res.exit_code == 2 and message in res.output, (value, res.output)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "n").exists()
+
+
+def test_local_mode_keeps_s_batches_in_flight_and_hands_rows_over_in_order():
+    """run_local with a 2-stream captioner: two caption() calls run at once, never three, and the
+    Assembler gets each batch's rows whole, oldest batch first."""
+    from captrt.batch.local import run_local
+    from captrt.batch.shards import Chunk
+    from captrt.runtime.captioner import Caption
+
+    lock, active, peak, both = threading.Lock(), [0], [0], threading.Event()
+
+    class TwoStreams:
+        streams = 2
+
+        def caption(self, images, **kwargs):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                if active[0] == 2:
+                    both.set()
+            both.wait(5)  # the first call returns only once a second one runs beside it
+            time.sleep(0.01 * (int(images[0][0, 0, 0]) // 3 % 2 == 0))  # even batches are slower: they end after the next
+            with lock:
+                active[0] -= 1
+            return [Caption(str(int(im[0, 0, 0])), [int(im[0, 0, 0])], 0.0) for im in images]
+
+    class Rows:
+        def __init__(self):
+            self.indices = []
+
+        def expect(self, chunk):
+            pass
+
+        def add(self, row):
+            self.indices.append(row["index"])
+
+    rows = Rows()
+    chunks = [Chunk(0, [f"p{i}" for i in range(10)]), Chunk(10, [f"p{i}" for i in range(10, 21)])]
+    run_local(chunks, TwoStreams(), rows, read=lambda p: np.full((2, 2, 3), int(p[1:]), np.uint8),
+              stamp={}, batch_size=3, beam=1, max_steps=2, decode_threads=2, on_rows=lambda n: None)
+    assert both.is_set() and peak[0] == 2
+    assert rows.indices == list(range(21))
