@@ -210,6 +210,7 @@ class Captioner:
                 "max_beam": self.max_beam, "max_steps": m.max_steps, "precisions": list(m.precisions),
                 "precision": self.engine.precision, "engine": self.engine.name, "device": self.engine.device,
                 "provider": self.provider, "numerics": self.engine.describe(), "streams": self.streams,
+                "decoding_controls": self.engine.controls,
                 "threads": self.engine.threads or usable_cores(),
                 "verification": self.verification.to_dict()}
 
