@@ -14,7 +14,7 @@ def plot_latency(report: dict[str, Any], path: str | Path, title: str = "") -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    results = [r for r in report["results"] if r.get("variant") is None]  # streams/options rows: in the tables
     series: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in results:
         series.setdefault((r["engine"], r["precision"], r["batch"]), []).append(r)

@@ -14,10 +14,11 @@ from captrt.runtime.model_dir import ModelDir
 
 
 def row_quality(model: ModelDir, runner: Any, *, measure_missing: bool = True) -> dict[str, Any]:
-    """{"status": "exact" | "reference" | "verified" | "failed" | "unverified", "source", + the report's summary}."""
+    """{"status": "exact" | "reference" | "peer" | "verified" | "failed" | "unverified", "source", + the report's
+    summary}."""
     engine = getattr(runner, "engine", None)
-    if engine is None:  # the PyTorch reference search: the yardstick itself
-        return {"status": "reference", "source": None}
+    if engine is None:  # the PyTorch reference search: the yardstick itself; torch-compile: a peer of it
+        return {"status": "reference" if runner.name == "reference" else "peer", "source": None}
     if not engine.needs_verification:
         return {"status": "exact", "source": None}
     from captrt.runtime.verify import ensure_verified
@@ -34,8 +35,8 @@ def quality_cell(q: dict[str, Any] | None) -> str:
     if not q:
         return "-"
     status = q.get("status")
-    if status in ("exact", "reference", "unverified"):
-        return {"exact": "exact", "reference": "ref", "unverified": "unverified"}[status]
+    if status in ("exact", "reference", "peer", "unverified"):
+        return {"exact": "exact", "reference": "ref", "peer": "peer", "unverified": "unverified"}[status]
     parts = [f"{q['identical_pct']:.0f}% id"]
     if q.get("bleu4_pct_of_fp32") is not None:
         parts.append(f"BLEU {q['bleu4_pct_of_fp32']:.1f}%")

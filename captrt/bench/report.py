@@ -8,10 +8,12 @@ from typing import Any
 
 from captrt.atomic import atomic_write_text
 from captrt.bench.quality import quality_cell
+from captrt.bench.summary import captions_cell
 
-HEADERS = ("engine", "prec", "provider", "N", "K", "steps", "encoder ms p50/p90/p99", "step ms p50/p90/p99",
-           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "engine MB", "peak RSS MB", "step/floor",
-           "quality vs fp32")
+HEADERS = ("engine", "prec", "run", "provider", "N", "K", "steps", "encoder ms p50/p90/p99", "step ms p50/p90/p99",
+           "e2e ms/batch p50/p90/p99", "ms/img", "img/s", "% of floor", "engine MB", "peak RSS MB", "step/floor",
+           "same captions", "quality vs fp32")
+RIGHT = frozenset(range(4, 16))  # right-aligned columns: N .. step/floor
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -35,13 +37,21 @@ def _steps(r: dict[str, Any]) -> str:
     return "-" if mean is None else f"~{mean:.1f}"
 
 
+def run_cell(r: dict[str, Any]) -> str:
+    """'default', 'streams SxT' (S streams of T threads) or 'options'."""
+    variant = r.get("variant")
+    if variant == "streams":
+        return f"streams {r['streams']}x{r['threads']}"
+    return variant or "default"
+
+
 def row_cells(r: dict[str, Any]) -> list[str]:
-    ratio = r.get("floor_ratio")
-    return [r["engine"], r["precision"], r["provider"], str(r["batch"]), str(r["beam"]), _steps(r),
+    ratio, pct = r.get("floor_ratio"), r.get("pct_of_floor")
+    return [r["engine"], r["precision"], run_cell(r), r["provider"], str(r["batch"]), str(r["beam"]), _steps(r),
             _pcts(r["encoder_ms"]), _pcts(r["step_ms"]), _pcts(r["e2e_ms"]["per_batch"]),
             _num(r["e2e_ms"]["per_image"]["p50"]), _num(r["images_per_s"]),
-            _num(r.get("rss_load_mb"), 0), _num(r["peak_rss_mb"], 0),
-            "-" if ratio is None else f"{ratio:.2f}x", quality_cell(r.get("quality"))]
+            "-" if pct is None else f"{pct:.1f}%", _num(r.get("rss_load_mb"), 0), _num(r["peak_rss_mb"], 0),
+            "-" if ratio is None else f"{ratio:.2f}x", captions_cell(r), quality_cell(r.get("quality"))]
 
 
 def floor_lines(report: dict[str, Any]) -> list[str]:
@@ -62,6 +72,20 @@ def floor_lines(report: dict[str, Any]) -> list[str]:
                      f"word id) / {f['bandwidth_gbps']:.1f} GB/s ({f['threads']} threads) = {f['floor_ms']:.3f} ms")
     if floor.get("note"):
         lines.append(f"memory floor: {floor['note']}")
+    compute = floor.get("compute") or {}
+    if compute.get("note"):
+        lines.append(f"fp32 floor: {compute['note']}")
+    elif compute.get("peak_gflops"):
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in compute.get("gflops", {}).items())
+        lines.append(f"fp32 matmul peak: {compute['peak_gflops']:.1f} GFLOP/s ({compute['peak_of']}; measured "
+                     f"GFLOP/s: {shown})" + "".join(f"; {k} not measured: {v}" for k, v in compute["errors"].items()))
+        unknown = compute.get("encoder_nodes_unknown") or []
+        lines.append(f"fp32 floor: encoder {compute['encoder_flops'] / 1e9:.2f} GFLOP per image ({compute['encoder_nodes_counted']} "
+                     f"Conv/MatMul/Gemm nodes of the fp32 graph at batch 1" + (f", {len(unknown)} without shapes left out"
+                                                                            if unknown else "")
+                     + f") / {compute['peak_gflops']:.1f} GFLOP/s = {compute['encoder_floor_ms']:.2f} ms, + per decoder "
+                     "step the fp32 memory floor above / batch; % of floor = img/s over the floor's img/s "
+                     "(a floor: every other cost counted as free)")
     return lines
 
 
@@ -69,18 +93,22 @@ def format_table(report: dict[str, Any]) -> str:
     """The terminal table: aligned columns, then the floor lines and any skipped configurations."""
     rows = [list(HEADERS)] + [row_cells(r) for r in report["results"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
-    right = set(range(3, len(HEADERS) - 1))
     out = []
     for n, row in enumerate(rows):
-        cells = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        cells = (c.rjust(w) if i in RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
         out.append("  ".join(cells).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     out.extend(floor_lines(report))
+    out.extend(f"summary: {line}" for line in report.get("summary") or [])
     for s in report.get("skipped", []):
-        out.append(f"skipped {s['engine']} {s['precision']}: {s['reason']}")
+        variant = f" {s['variant']}" if s.get("variant") else ""
+        out.append(f"skipped {s['engine']} {s['precision']}{variant}: {s['reason']}")
     out.append("engines take turns run by run on the same images, so their ratios come from the same minutes; "
                "engine MB: resident memory that loading the engine added; peak RSS: the process with all engines loaded")
+    if any(r.get("variant") == "streams" for r in report["results"]):
+        out.append("streams SxT rows: one caption() call over a list of images with batch_size=N, its batches spread "
+                   "over S streams of T threads; ms/img and img/s are the call's wall time over its images")
     rss = {r.get("peak_rss_scope") for r in report["results"]}
     if "process" in rss:
         out.append("peak RSS: the process's peak so far (this kernel refuses to reset it per configuration)")

@@ -32,8 +32,10 @@ class Target:
 
 
 def find(report: dict[str, Any], engine: str, precision: str, batch: int, beam: int) -> dict[str, Any] | None:
+    """The default row of a configuration (not its streams or options rows)."""
     for r in report["results"]:
-        if (r["engine"], r["precision"], r["batch"], r["beam"]) == (engine, precision, batch, beam):
+        if (r["engine"], r["precision"], r["batch"], r["beam"]) == (engine, precision, batch, beam) \
+                and r.get("variant") is None:
             return r
     return None
 

@@ -1,4 +1,5 @@
-"""run_bench end to end on a tiny exported model: every engine, every field, the table, bad input.
+"""run_bench end to end on a tiny exported model (tests/bench/conftest.py): every engine, every field, the
+table, bad input. Streams, torch-compile and the options row: test_bench_variants.py.
 
 Nothing here asserts on time: the machine may be busy. The assertions are about what was run
 (forced step counts, providers, configurations) and the arithmetic between reported fields.
@@ -18,21 +19,8 @@ from captrt.runtime.errors import ModelDirError
 from tests.conftest import make_tiny_checkpoint, random_images
 
 pytest.importorskip("torch")
-FAST = {"warmup": 0, "iters": 2, "bandwidth_mb": 8, "progress": False}
+FAST = {"warmup": 0, "iters": 2, "bandwidth_mb": 8, "matmul_sizes": (128,), "progress": False}
 PCT = ("p50", "p90", "p99")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from captrt.export.exporter import export_model
-
-    root = tmp_path_factory.mktemp("bench_model")
-    ckpt = make_tiny_checkpoint(root / "tiny.pt")
-    # A random-weight model's int8 misses the quality budget: written with force (the bench measures speed, and
-    # says "unverified" beside it), without the accuracy-aware search (nothing to gain on random weights).
-    export_model(ckpt, root / "model", int8=True, max_beam=5, parity_count=16, calib_count=1, overwrite=True,
-                 progress=False, force=True, int8_search=False)
-    return root / "model"
 
 
 def _check_stats(stats, n=None):
