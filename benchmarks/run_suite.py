@@ -4,6 +4,9 @@
     exported once with fp32 + int8 graphs (cached in --work), benchmarked with ONNX Runtime fp32/int8,
     the runtime's torch engine and the reference search, batch 1/8, beam 1/5, 16 forced steps.
 (b) The demo model (demo_out/model, made by `make demo`), real decoding of its test images.
+(c) The suite model again, against its peers: ORT fp32 beside the reference search in PyTorch eager and
+    with the encoder through torch.compile, streams 1 and 2 (captions compared), the options path, batch 1/4,
+    beam 5, 16 forced steps, every row also as a % of this machine's fp32 floor.
 
     python benchmarks/run_suite.py            # full: warmup 2, 10 timed runs per configuration
     python benchmarks/run_suite.py --quick    # warmup 1, 3 timed runs: checks the pipeline, rough numbers
@@ -27,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUITE_A = {"engines": "ort,torch,reference", "precisions": "fp32,int8", "batches": "1,8", "beams": "1,5", "steps": 16}
 SUITE_B = {"batches": "1,8", "beams": "1,5", "steps": None}
+SUITE_C = {"engines": "ort,reference,torch-compile", "precisions": "fp32", "batches": "1,4", "beams": "5", "steps": 16,
+           "streams": "1,2", "decoding": True}
 RUNS = {"full": {"warmup": 2, "iters": 10, "max_seconds": 60.0}, "quick": {"warmup": 1, "iters": 3, "max_seconds": 15.0}}
 
 
@@ -42,6 +47,10 @@ def bench_command(model: Path, cfg: dict[str, Any], runs: dict[str, Any], json_o
              "--batch", cfg["batches"], "--beam", cfg["beams"]]
     if cfg.get("steps"):
         parts += ["--steps", str(cfg["steps"])]
+    if cfg.get("streams"):
+        parts += ["--streams", str(cfg["streams"])]
+    if cfg.get("decoding"):
+        parts += ["--decoding"]
     parts += ["--warmup", str(runs["warmup"]), "--iters", str(runs["iters"]), "--max-seconds", f"{runs['max_seconds']:g}"]
     if extra:
         parts += shlex.split(extra)
@@ -60,6 +69,46 @@ def run_suite_a(work: Path, runs: dict[str, Any], rebuild: bool) -> tuple[dict, 
     # Random weights: int8 is written without meeting the quality budget, so it is benched "unverified".
     report = run_bench(model, **SUITE_A, **runs, json_out=json_out, allow_unverified=True)
     return report, ModelDir.load(model).manifest, bench_command(model, SUITE_A, runs, json_out, "--allow-unverified")
+
+
+def run_suite_c(work: Path, runs: dict[str, Any]) -> tuple[dict, str]:
+    """The suite model (already built by suite (a)) against its peers, with streams and the options path."""
+    from captrt.bench.bench import run_bench
+    from captrt.bench.suite_model import suite_model_dir
+
+    print("[suite c] peers, streams and the options path on the suite model", file=sys.stderr, flush=True)
+    model = suite_model_dir(work)
+    json_out = work / "suite_c.json"
+    report = run_bench(model, **SUITE_C, **runs, json_out=json_out)
+    return report, bench_command(model, SUITE_C, runs, json_out)
+
+
+def suite_c_lines(c: dict[str, Any], cmd: str) -> list[str]:
+    """RESULTS.md's suite (c) section: how the rows were measured, the floor's definition, the summary, the table."""
+    from captrt.bench.floor import FLOOR_DEFINITION
+    from captrt.bench.report import floor_lines, format_markdown
+
+    s = c["settings"]
+    streams = ", ".join(map(str, s.get("streams") or [])) or "none"
+    return ["## Suite (c): captrt against its peers, streams, the options path", "",
+            f"The suite (a) model, {s['steps']} forced steps, beam {', '.join(map(str, s['beams']))}, batch "
+            f"{', '.join(map(str, s['batches']))}, fp32, one run: every row takes its turn run by run on the same "
+            "images. Peers: `reference` is the seed's per-image beam search in PyTorch eager under "
+            "`torch.inference_mode()`; `torch-compile` is the same search with the encoder through "
+            "`torch.compile(backend=\"inductor\", options={\"freezing\": True})`, compiled and warmed up before "
+            "timing (the decoder steps stay eager: their shapes change as beams end). `streams SxT` rows "
+            f"(S = {streams}; T = the cores // S) time `Captioner.load(streams=S, threads=T).caption(images, "
+            "batch_size=N)` over one list of max(S) x 2 batches, which the Captioner spreads over its streams "
+            "(the library's own path, as a caller of `caption()` gets it): images/s is the list over the call's "
+            "wall time, and the captions of every S are compared image by image (`same captions`). `options` "
+            "is ORT fp32 decoding with `num_hypotheses=3, return_scores=True, no_repeat_ngram_size=3, "
+            "min_length=5` (issue 16's options path), beside its default row.", "",
+            FLOOR_DEFINITION, "", f"command: `{cmd}`", "",
+            "Summary (captrt against the strongest peer, the faster of reference and torch-compile):", "",
+            *[f"- {line}" for line in c.get("summary") or []], "",
+            format_markdown(c), "", *[f"- {line}" for line in floor_lines(c)],
+            *[f"- skipped {k['engine']} {k['precision']}{(' ' + k['variant']) if k.get('variant') else ''}: "
+              f"{k['reason']}" for k in c.get("skipped", [])], ""]
 
 
 def run_suite_b(demo: Path, work: Path, runs: dict[str, Any]) -> tuple[dict | None, str]:
@@ -102,8 +151,9 @@ def machine_lines(report: dict[str, Any]) -> list[str]:
 
 def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | None, b_note: str, quick: bool,
                   argv: list[str], plot: Path | None, profiles: list | None = None,
-                  analysis: Path | None = None) -> None:
-    """analysis: a hand-written Markdown file (benchmarks/ANALYSIS.md) appended after the measured facts."""
+                  analysis: Path | None = None, c: dict | None = None, cmd_c: str = "") -> None:
+    """analysis: a hand-written Markdown file (benchmarks/ANALYSIS.md) appended after the measured facts.
+    c: suite (c)'s report (peers, streams, the options path), written after suite (b)."""
     from captrt.atomic import atomic_write_text
     from captrt.bench.profile import format_profile
     from captrt.bench.report import floor_lines, format_markdown
@@ -111,7 +161,7 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
 
     targets = evaluate_targets(a, manifest)
     cores = a["machine"]["cores"]
-    others = [r["machine"].get("other_processes_cores") for r in (a, b) if r is not None]
+    others = [r["machine"].get("other_processes_cores") for r in (a, b, c) if r is not None]
     other = max((o for o in others if o is not None), default=None)
     busy = other is not None and other > 0.25  # a quarter of a core used by others all along
     model = a["model"]
@@ -124,7 +174,8 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
                 "machine.", ""]
     out += ["## Machine", "", *machine_lines(a), "", "## Commands", "", "```",
             "make bench    # = " + shlex.join([".venv/bin/python", "benchmarks/run_suite.py", *argv]),
-            "# suite (a), as one captrt bench call:", cmd_a, "```", ""]
+            "# suite (a), as one captrt bench call:", cmd_a,
+            *(["# suite (c), peers, streams and the options path:", cmd_c] if c is not None else []), "```", ""]
     out += ["## Targets", "", "Suite (a), one run, batch 1 unless said, beam 5, 16 forced steps; end-to-end p50s.", "",
             "| target | goal | measured | status |", "|---|---|---|---|"]
     for t in targets:
@@ -161,6 +212,8 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
                 f"{b['model'].get('vocab_size')}); images: {b['settings']['images']}; real decoding up to "
                 f"{b['model']['max_steps']} steps (the steps column is the mean a search ran).", "", b_note, "",
                 format_markdown(b), "", *[f"- {line}" for line in floor_lines(b)], ""]
+    if c is not None:
+        out += suite_c_lines(c, cmd_c)
     atomic_write_text(path, with_serve_section("\n".join(out), path))
 
 
@@ -200,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles = [p for prec in ("fp32", "int8") if prec in manifest.get("graphs", {})
                     for p in profile_graphs(a["model"]["path"], prec, runs=20 if not args.quick else 5,
                                             threads=a["settings"]["threads"])]
+        c, cmd_c = run_suite_c(args.work, runs)
         b, b_note = run_suite_b(args.demo, args.work, runs)
     except (ValueError, RuntimeError, FileExistsError) as exc:  # clear errors from bench/export
         print(f"run_suite: error: {exc}", file=sys.stderr)
@@ -207,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_latency(a, args.out / "latency.png", title=f"captrt suite (a): {a['machine']['cpu']}, "
                         f"{a['settings']['threads']} threads, {a['settings']['steps']} forced steps")
     write_results(args.out / "RESULTS.md", a, manifest, cmd_a, b, b_note, args.quick, argv, plot, profiles,
-                  HERE / "ANALYSIS.md")
+                  HERE / "ANALYSIS.md", c, cmd_c)
     print(f"wrote {args.out / 'RESULTS.md'} and {plot}", file=sys.stderr)
     return 0
 

@@ -30,6 +30,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# What RESULTS.md and the README say the floor is (the module doc has the details).
+FLOOR_DEFINITION = (
+    "`% of floor` is a row's images/s over this machine's fp32 floor for that row's batch and step count: per image, "
+    "the fp32 encoder graph's FLOPs (2 x the multiply-adds of its Conv/MatMul/Gemm nodes at batch 1, counted from "
+    "the graph's shapes) over the measured fp32 matmul peak (the best of 1024x1024 and 2048x2048 fp32 matmuls in "
+    "numpy and ONNX Runtime on all cores), plus, per decoder step, the step graph's fp32 weight bytes (less the "
+    "tables only gathered by word id) over the measured read bandwidth, divided by the batch (a batch shares each "
+    "step's weight reads), times the steps per image. It is a floor: each term is work the search must do at the "
+    "fastest rate measured here for that kind of work, and everything else (the decoder's arithmetic, activations, "
+    "the beam search on the host, Python) is counted as free, so nothing can caption faster on this machine in fp32 "
+    "without skipping work (fewer FLOPs, e.g. Winograd convolutions, or fewer bytes, e.g. int8: int8 rows are "
+    "held to the same fp32 floor and may pass 100%). The peak is measured, not the datasheet's; a disturbed "
+    "measurement lowers it and so raises every row's percentage.")
 DEFAULT_MATMUL_SIZES = (1024, 2048)  # 2.1 and 17.2 GFLOP per product: ~0.02-0.3 s each on 2 cores
 COUNTED_OPS = ("Conv", "MatMul", "Gemm")
 

@@ -74,6 +74,27 @@ def test_streams_and_options_rows_with_the_floor(tiny_model, capsys):
     assert "% of floor" in printed and "same captions" in printed and "streams 1x" in printed
     assert "fp32 matmul peak" in printed and "summary: batch 2, beam 5" in printed
     json.dumps(report)  # the report stays JSON
+    _check_suite_c_section(report)
+
+
+def _check_suite_c_section(report):
+    """benchmarks/run_suite.py's suite (c) section renders this report: the floor's definition, the summary,
+    the table with the new columns; its command line carries --streams and --decoding."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "run_suite.py"
+    spec = importlib.util.spec_from_file_location("captrt_run_suite_c", path)
+    run_suite = importlib.util.module_from_spec(spec)
+    sys.modules["captrt_run_suite_c"] = run_suite
+    spec.loader.exec_module(run_suite)
+    cmd = run_suite.bench_command(Path("m"), run_suite.SUITE_C, run_suite.RUNS["quick"], Path("c.json"))
+    assert "--engine ort,reference,torch-compile" in cmd and "--streams 1,2" in cmd and "--decoding" in cmd
+    text = "\n".join(run_suite.suite_c_lines(report, cmd))
+    assert text.startswith("## Suite (c)") and "It is a floor" in text and "strongest peer" in text
+    assert "| % of floor |" in text and "| same captions |" in text and "streams 1x" in text
+    assert f"command: `{cmd}`" in text
 
 
 def test_threads_given_and_oversubscription_skipped(tiny_model):
