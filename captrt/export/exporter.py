@@ -24,7 +24,7 @@ from captrt.export.parity import (Timer, candidates, caption_parity, make_sessio
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.export.variant_quality import describe_mix, search_int8_variant, verify_engines_here
-from captrt.runtime.model_dir import DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
+from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
                                    key_digest, search_tokens)
@@ -234,7 +234,7 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
     if fp16:
         with log.step("converting to fp16"):
             try:
-                enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",))
+                enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",), control_inputs=CONTROL_INPUTS)
             except ValueError as exc:  # e.g. weights beyond fp16's range
                 raise ExportError(f"fp16 variant: {exc}") from None
         variants["fp16"] = (enc16, dec16, FP16, FP16)

@@ -1,7 +1,8 @@
 """fp16 variants of the exported graphs, without onnxconverter-common.
 
 Mixed precision in the spirit of autocast: every float node runs in fp16 except
-- numerically sensitive operators (softmax, log_softmax, TopK, reductions), and
+- numerically sensitive operators (softmax, log_softmax, TopK, reductions),
+- the logit processing of the decoding controls (from ban_ids/penalty_ids/penalty to log_softmax), and
 - the LSTM cell state: everything reachable from the `c` input through pointwise/movement
   operators (gather by origin, f*c + i*g, tanh(c), o*tanh(c)) stays fp32, so the state does
   not accumulate fp16 rounding step after step.
@@ -21,6 +22,9 @@ KEEP_FP32_OPS = frozenset({"Softmax", "LogSoftmax", "TopK", "ReduceSum", "Reduce
 # Operators through which "fp32-ness" spreads from a state input (pointwise and data movement).
 STATE_OPS = frozenset({"GatherElements", "Gather", "Reshape", "Mul", "Add", "Sub", "Tanh", "Sigmoid",
                        "Identity", "Squeeze", "Unsqueeze", "Slice", "Expand"})
+# The logit processing (format 2's decoding controls): everything the control inputs reach on the way to
+# LogSoftmax stays fp32, so the processed logits are the fp32 graph's (fc's fp16 output cast exactly).
+CONTROL_OPS = STATE_OPS | frozenset({"ScatterElements", "Where", "Div", "Greater", "Concat"})
 # Inputs whose type does not matter to the operator (it reads only the shape).
 TYPE_AGNOSTIC_INPUTS = {"Shape": (0,), "Size": (0,)}
 
@@ -34,9 +38,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def fp32_nodes(model: onnx.ModelProto, state_inputs: tuple[str, ...]) -> set[int]:
-    """Indices of nodes that stay fp32: KEEP_FP32_OPS, and the region that STATE_OPS reach from
-    state_inputs and from those operators' outputs."""
+def fp32_nodes(model: onnx.ModelProto, state_inputs: tuple[str, ...],
+               control_inputs: tuple[str, ...] = ()) -> set[int]:
+    """Indices of nodes that stay fp32: KEEP_FP32_OPS, the region that STATE_OPS reach from
+    state_inputs and from those operators' outputs, and the region CONTROL_OPS reach from control_inputs."""
     keep = {i for i, n in enumerate(model.graph.node) if n.op_type in KEEP_FP32_OPS}
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(model.graph.node):
@@ -45,26 +50,28 @@ def fp32_nodes(model: onnx.ModelProto, state_inputs: tuple[str, ...]) -> set[int
     # Grow from the state inputs and from the outputs of the kept operators (so that, e.g., the
     # Reshape after TopK does not round cand_logp to fp16 just before the output).
     frontier = list(state_inputs) + [out for i in keep for out in model.graph.node[i].output]
-    seen: set[str] = set()
-    while frontier:
-        tensor = frontier.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        for i in consumers.get(tensor, []):
-            node = model.graph.node[i]
-            if node.op_type in STATE_OPS:
-                keep.add(i)
-                frontier.extend(node.output)
+    for start, ops in ((frontier, STATE_OPS), (list(control_inputs), CONTROL_OPS)):
+        seen: set[str] = set()
+        while start:
+            tensor = start.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for i in consumers.get(tensor, []):
+                node = model.graph.node[i]
+                if node.op_type in ops:
+                    keep.add(i)
+                    start.extend(node.output)
     return keep
 
 
-def convert_to_fp16(model: onnx.ModelProto, state_inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+def convert_to_fp16(model: onnx.ModelProto, state_inputs: tuple[str, ...] = (),
+                    control_inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
     """Return an fp16 copy of `model` (fp32 I/O, fp32 islands as described in the module docstring)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     types = _elem_types(model)
     graph = model.graph
-    keep32 = fp32_nodes(model, state_inputs)
+    keep32 = fp32_nodes(model, state_inputs, control_inputs)
     precision = {i: (FLOAT if i in keep32 else FLOAT16) for i in range(len(graph.node))}
 
     # Float initializers: converted in place when only fp16 nodes read them, duplicated when both do.

@@ -43,7 +43,7 @@ class StreamPlan:
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams must be an integer >= 1 or 'auto', got {streams!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+            raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
         t = threads if threads is not None else max(1, cores // streams)
         if streams * t > cores and not oversubscribe:
             raise ValueError(f"streams x threads = {streams} x {t} = {streams * t} exceeds the {cores} usable cores; "

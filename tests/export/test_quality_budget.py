@@ -17,7 +17,7 @@ from captrt.runtime import Captioner, ModelDir, ModelDirError
 from captrt.runtime.errors import UnverifiedPrecisionError
 from tests.conftest import make_tiny_checkpoint, random_images
 
-PARITY, CALIB = 16, 4
+PARITY, CALIB = 40, 4  # 40: one fp16 near-tie flip (CPU-dependent) still leaves 97.5% identical
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captrt.runtime import Captioner, EngineUnavailableError, ModelDirError
+from captrt.runtime import Captioner, EngineUnavailableError, ModelDirError, UnverifiedPrecisionError
 from captrt.runtime import hardware
 from captrt.runtime.engines import create_engine
 from captrt.runtime.model_dir import ModelDir
@@ -137,15 +137,25 @@ def test_bf16_is_an_openvino_precision_only(varied_model_dir):
 
 @pytest.mark.skipif(not HAS_BF16, reason="needs a CPU with avx512_bf16 or amx_bf16 (this one has "
                     f"{', '.join(hardware.cpu_flags()) or 'neither'}): bf16 cannot run here")
-def test_bf16_verified_under_the_budget(demo_sized_export, tmp_path):
+def test_bf16_is_verified_against_the_budget(demo_sized_export, tmp_path):
+    """bf16 really runs, is measured on the parity set, and loads by that verdict: verified from the cache
+    when within budget, refused (loadable only with allow_unverified) when not. The demo-sized model has
+    random weights, whose captions bf16 may change beyond the budget (seen on an AVX-512 EPYC with
+    avx512_bf16: 39/50 identical): which verdict comes depends on the CPU; both are checked."""
     from captrt.runtime.verify import verify_model
 
     model_dir = tmp_path / "model"
     shutil.copytree(demo_sized_export[0], model_dir, ignore=shutil.ignore_patterns("cache"))
     report, _ = verify_model(model_dir, engine="openvino", precision="bf16", threads=2)
-    assert report.passed, report.describe()
-    cap = Captioner.load(model_dir, engine="openvino", precision="bf16", threads=2)  # finds the cached result
-    assert cap.verification.status == "verified" and cap.verification.source == "cache"
+    if report.passed:
+        cap = Captioner.load(model_dir, engine="openvino", precision="bf16", threads=2)  # finds the cached result
+        assert cap.verification.status == "verified" and cap.verification.source == "cache"
+    else:
+        with pytest.raises(UnverifiedPrecisionError, match="missed the quality budget"):
+            Captioner.load(model_dir, engine="openvino", precision="bf16", threads=2)
+        cap = Captioner.load(model_dir, engine="openvino", precision="bf16", threads=2, allow_unverified=True)
+        assert cap.verification.status == "unverified" and cap.verification.source == "cache"
+    assert cap.verification.report.identical == report.identical  # the measurement made above, not a new one
     assert cap.engine.needs_verification
     assert {g["inference_precision"] for g in cap.engine.numerics()["graphs"].values()} == {"bf16"}
     assert cap.provider == "openvino:CPU[bf16]"

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from captrt.runtime import Captioner
+from captrt.runtime.engines.trt_build import MAX_CONTROL_IDS
 from captrt.runtime.engines.ort_cuda import DeviceTensor
 from tests.conftest import cuda_usable, random_images
 
@@ -94,10 +95,13 @@ def test_tensorrt_ep_options(varied_model_dir, tmp_path):
     assert enc["trt_profile_min_shapes"] == "image:1x256x256x3"
     assert enc["trt_profile_max_shapes"] == "image:16x256x256x3"
     h, p, e, a = md.dims["decoder_dim"], md.num_pixels, md.dims["encoder_dim"], md.dims["attention_dim"]
-    assert dec["trt_profile_min_shapes"] == f"tokens:1x1,origin:1x1,h:1x1x{h},c:1x1x{h},features:1x{p}x{e},att_proj:1x{p}x{a}"
-    assert dec["trt_profile_opt_shapes"] == f"tokens:8x5,origin:8x5,h:8x5x{h},c:8x5x{h},features:8x{p}x{e},att_proj:8x{p}x{a}"
+    assert dec["trt_profile_min_shapes"] == (f"tokens:1x1,origin:1x1,h:1x1x{h},c:1x1x{h},features:1x{p}x{e},"
+                                             f"att_proj:1x{p}x{a},ban_ids:1x1x1,penalty_ids:1x1x1,penalty:1")
+    assert dec["trt_profile_opt_shapes"] == (f"tokens:8x5,origin:8x5,h:8x5x{h},c:8x5x{h},features:8x{p}x{e},"
+                                             f"att_proj:8x{p}x{a},ban_ids:8x5x1,penalty_ids:8x5x1,penalty:8")
     assert dec["trt_profile_max_shapes"] == \
-        f"tokens:16x10,origin:16x10,h:16x10x{h},c:16x10x{h},features:16x{p}x{e},att_proj:16x{p}x{a}"
+        (f"tokens:16x10,origin:16x10,h:16x10x{h},c:16x10x{h},features:16x{p}x{e},att_proj:16x{p}x{a},"
+         f"ban_ids:16x10x{MAX_CONTROL_IDS},penalty_ids:16x10x{MAX_CONTROL_IDS},penalty:16")
     assert enc["trt_profile_opt_shapes"] == "image:8x256x256x3"
     # clamped to what the model allows
     small = tensorrt_options(md, "fp32", max_batch=4, opt_batch=8, opt_beam=50)["decoder_step"]

@@ -19,7 +19,7 @@ def test_plans_and_their_errors():
     assert StreamPlan.resolve("auto", 2, cores=8) == StreamPlan(4, 2)
     assert StreamPlan.resolve(4, 4, cores=8, oversubscribe=True) == StreamPlan(4, 4)
     for kwargs, message in (({"streams": 0}, "streams must be an integer >= 1 or 'auto'"),
-                            ({"streams": "two"}, "streams must be"), ({"streams": 2, "threads": 0}, "threads must be"),
+                            ({"streams": "two"}, "streams must be"), ({"streams": 2, "threads": 0}, "threads: expected a positive integer"),
                             ({"streams": 3, "threads": 3}, r"3 x 3 = 9 exceeds the 8 usable cores.*oversubscribe")):
         with pytest.raises(ValueError, match=message):
             StreamPlan.resolve(**kwargs, cores=8)
