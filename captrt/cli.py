@@ -132,7 +132,7 @@ def convert(old: Path = typer.Argument(..., help="a seed-notebook or sgrvinod-tu
 @app.command()
 def export(checkpoint: Path = typer.Argument(...),
            out: Path = typer.Option(..., "-o", "--out"),
-           opset: int = typer.Option(17, "--opset"),
+           opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20; 18 = torch.onnx's own, no conversion)"),
            max_beam: int = typer.Option(10, "--max-beam"),
            fp16: bool = typer.Option(False, "--fp16"),
            int8: bool = typer.Option(False, "--int8"),

@@ -2,8 +2,9 @@
 
 Exporter choice: torch 2.14's default (dynamo) exporter. It traces our wrapper modules with
 torch.export, keeps the dynamic dims (N, K, K_prev) as named symbols, and writes the LSTM cell as
-Gemm/Sigmoid/Tanh. Its own opset is 18; for a lower target it converts the graph itself (onnx's
-version converter) and silently keeps 18 when that fails, so the result's opset is checked here.
+Gemm/Sigmoid/Tanh. Its own opset is 18 (captrt's default, DEFAULT_OPSET); for a lower target it converts
+the graph itself (onnx's version converter, with two warnings) and silently keeps 18 when that fails, so
+the result's opset is checked here.
 The graphs avoid the one operator whose opset-18 form does not convert (ReduceMean with an axes
 input: the encoder writes its mean as sum / P).
 """

@@ -59,7 +59,7 @@ def test_directory_and_manifest_follow_the_format(exported):
     assert m["vocab"] == {"file": "vocab.json", "size": len(v), "pad": 0, "unk": v.unk, "start": v.start, "end": v.end}
     assert json.loads((d / "vocab.json").read_text()) == {"word2id": v.word2id}
     assert m["preprocess"]["size"] == 256 and m["preprocess"]["mean"] == [0.485, 0.456, 0.406]
-    assert (m["grid"], m["max_beam"], m["max_steps"], m["opset"]) == (4, MAX_BEAM, 50, 17)
+    assert (m["grid"], m["max_beam"], m["max_steps"], m["opset"]) == (4, MAX_BEAM, 50, 18)
     assert set(m["graphs"]) == {"fp32", "fp16", "int8"} and set(m["parity"]) == {"fp32", "fp16", "int8"}
     for precision, pair in m["graphs"].items():
         for graph, entry in pair.items():
