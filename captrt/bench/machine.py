@@ -11,15 +11,9 @@ from typing import Any
 
 from captrt.runtime.hardware import cpu_flags, cpu_model  # noqa: F401  (re-exported: bench rows name the CPU)
 
+from captrt.runtime.streams import usable_cores  # one definition: re-exported for the bench modules
+
 LIBRARIES = ("captrt", "numpy", "onnxruntime-gpu", "onnxruntime", "openvino", "onnx", "torch", "torchvision", "tensorrt")
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (the affinity mask), not the host's total."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def memory_gb() -> float | None:

@@ -21,7 +21,7 @@ def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity), not the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
+    except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from captrt.runtime import (Caption, Captioner, ImageTooLargeError, InvalidImageError, ModelDir, ModelDirError,
                             UnsupportedImageFormatError)
+from captrt.runtime.streams import usable_cores
 from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, QueueFullError
 from captrt.serve.config import ServeConfig
 from captrt.serve.metrics import ServeMetrics, route_label
@@ -50,19 +50,12 @@ class ServiceState:
         self.info: dict[str, Any] = {}
         self.load_error: str | None = None
         self.max_steps_cap = config.max_steps_cap or 0
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or _usable_cores(),
+        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or usable_cores(),
                                               thread_name_prefix="captrt-decode")
 
     @property
     def ready(self) -> bool:
         return self.batcher is not None
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class ServiceMiddleware:
