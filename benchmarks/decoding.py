@@ -54,8 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # run_suite.default_work: the suite model's cache
 
-DECODING_BEGIN = "<!-- decoding:begin -->"
-DECODING_END = "<!-- decoding:end -->"
+from captrt.bench.sections import DECODING_BEGIN, DECODING_END  # noqa: E402  (its markers: run_suite.py keeps the section)
 TARGET = 1.03  # format 2 over format 1 on the default path, per image
 BEAM = 5
 OLD_DIR = "model-format1"

@@ -220,16 +220,15 @@ def write_results(path: Path, a: dict, manifest: dict, cmd_a: str, b: dict | Non
 def with_serve_section(text: str, path: Path) -> str:
     """text plus the `benchmarks/serve.py` and `benchmarks/batch.py` sections of the RESULTS.md at path
     (if any), re-appended verbatim at the end: the suite rewrites the file but does not own them."""
-    from captrt.bench.sections import (BATCH_BEGIN, BATCH_END, OPENVINO_BEGIN, OPENVINO_END, PRECISIONS_BEGIN,
-                                       PRECISIONS_END, append_preserved)
+    from captrt.bench.sections import PRESERVED, append_preserved
 
     try:
         old = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         old = None
-    text = append_preserved(append_preserved(text, old), old, BATCH_BEGIN, BATCH_END)
-    text = append_preserved(text, old, OPENVINO_BEGIN, OPENVINO_END)
-    return append_preserved(text, old, PRECISIONS_BEGIN, PRECISIONS_END)
+    for begin, end in PRESERVED:
+        text = append_preserved(text, old, begin, end)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 `benchmarks/serve.py` writes its results between ``<!-- serve:begin -->`` and ``<!-- serve:end -->``,
 `benchmarks/batch.py` between ``<!-- batch:begin -->`` and ``<!-- batch:end -->``,
-`benchmarks/precisions.py` between ``<!-- precisions:begin -->`` and ``<!-- precisions:end -->``;
+`benchmarks/precisions.py` between ``<!-- precisions:begin -->`` and ``<!-- precisions:end -->``,
+`benchmarks/decoding.py` between ``<!-- decoding:begin -->`` and ``<!-- decoding:end -->``,
+`benchmarks/streams.py` between ``<!-- streams:begin -->`` and ``<!-- streams:end -->``;
 `benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
@@ -16,6 +18,13 @@ OPENVINO_BEGIN = "<!-- openvino:begin -->"  # the OpenVINO engine's section (mea
 OPENVINO_END = "<!-- openvino:end -->"
 PRECISIONS_BEGIN = "<!-- precisions:begin -->"  # benchmarks/precisions.py: speed beside quality per precision
 PRECISIONS_END = "<!-- precisions:end -->"
+DECODING_BEGIN = "<!-- decoding:begin -->"  # benchmarks/decoding.py: the decoding controls' cost
+DECODING_END = "<!-- decoding:end -->"
+STREAMS_BEGIN = "<!-- streams:begin -->"  # benchmarks/streams.py: S x T, memory, service and corpus
+STREAMS_END = "<!-- streams:end -->"
+# Every section run_suite.py carries over, in the order it appends them.
+PRESERVED = ((SERVE_BEGIN, SERVE_END), (BATCH_BEGIN, BATCH_END), (OPENVINO_BEGIN, OPENVINO_END),
+             (PRECISIONS_BEGIN, PRECISIONS_END), (DECODING_BEGIN, DECODING_END), (STREAMS_BEGIN, STREAMS_END))
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
