@@ -87,41 +87,10 @@ def demo_model_dir(work: Path, rebuild: bool = False) -> Path:
 
 def format_one_step_graph(checkpoint: Path, max_beam: int, opset: int):
     """The step graph as format version 1 had it, traced from `checkpoint` like the exporter traces it."""
-    import torch
-    import torch.nn.functional as F
-
-    from captrt.export.exporter import DECODER_DIMS
-    from captrt.export.graphs import DecoderStepGraph, example_decoder_inputs
-    from captrt.export.onnx_export import export_onnx
-    from captrt.runtime.model_dir import DECODER_OUTPUTS, DECODER_STATE_INPUTS
+    from captrt.export.format1 import export_format_one_step
     from captrt.train.checkpoint import load_checkpoint
 
-    class FormatOneStep(DecoderStepGraph):
-        """DecoderStepGraph's forward without the control inputs, their ops and the logp output."""
-
-        def forward(self, tokens, origin, h, c, features, att_proj):
-            n, k = tokens.shape
-            hidden = h.shape[2]
-            index = origin.unsqueeze(2).expand(n, k, hidden)
-            h_prev = torch.gather(h, 1, index).reshape(n * k, hidden)
-            c_prev = torch.gather(c, 1, index).reshape(n * k, hidden)
-            att2 = self.decoder_attn(h_prev).reshape(n, k, 1, -1)
-            scores = self.full_attn(F.relu(att_proj.unsqueeze(1) + att2)).squeeze(3)
-            alpha = F.softmax(scores, dim=2)
-            context = torch.matmul(alpha, features).reshape(n * k, -1)
-            emb = self.embedding(tokens.reshape(n * k))
-            gate = torch.sigmoid(self.f_beta(h_prev))
-            h_new, c_new = self._lstm_cell(torch.cat([emb, gate * context], dim=1), h_prev, c_prev)
-            logp = F.log_softmax(self.fc(h_new).float(), dim=1)
-            cand_logp, cand_ids = torch.topk(logp, self.max_beam, dim=1, largest=True, sorted=True)
-            return (h_new.reshape(n, k, hidden), c_new.reshape(n, k, hidden), alpha,
-                    cand_logp.reshape(n, k, self.max_beam), cand_ids.reshape(n, k, self.max_beam))
-
-    net = load_checkpoint(checkpoint).build_model().eval()
-    with torch.no_grad():
-        return export_onnx(FormatOneStep(net, max_beam), example_decoder_inputs(net)[:6],
-                           input_names=DECODER_STATE_INPUTS, output_names=DECODER_OUTPUTS,
-                           dynamic_dims={k: DECODER_DIMS[k] for k in DECODER_STATE_INPUTS}, opset=opset)
+    return export_format_one_step(load_checkpoint(checkpoint).build_model().eval(), max_beam, opset)
 
 
 def format_one_copy(model: Path, out: Path, log: Callable[[str], None]) -> Path:

@@ -5,9 +5,9 @@
 
 Method (every comparison in one run, its configurations alternated round by round, ABAB, so this
 machine's drift hits all of them alike):
-- library: one Captioner per configuration S x T (1 x all cores, and S x 1 up to the core count),
+- library: one Captioner per configuration S x T (1 x all cores, 1 x 1, and S x 1 up to the core count),
   loaded together; two calling threads keep the streams busy, each captioning its share of the
-  images in calls of B images (B = 1 and 4), beam 5, fp32 ONNX Runtime; images/s = images / wall
+  images in calls of B images (B = 1 and 4), beam 5, STEPS = 16 steps per caption (below), fp32 ONNX Runtime; images/s = images / wall
   seconds of the round. Captions must be identical across configurations. The latency at batch 1 of
   one caller alone is reported beside the throughput.
 - memory: one fresh process per engine and S (T = cores / S): resident memory after loading and
@@ -38,6 +38,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 from captrt.bench.sections import STREAMS_BEGIN as BEGIN, STREAMS_END as END  # noqa: E402
 BEAM = 5
+# Steps per caption: the suite's random-weight model never emits <end>, so its captions would all run the
+# 50-step limit; 16 is the bench suite's forced length, about a trained model's (COCO captions: ~10 words).
+STEPS = 16
 
 
 def log(message: str) -> None:
@@ -60,7 +63,8 @@ def _round(cap, imgs, batch: int, callers: int = 2) -> tuple[float, list[list[in
     def work(idx: list[int]) -> None:
         for s in range(0, len(idx), batch):
             part = idx[s:s + batch]
-            for i, c in zip(part, cap.caption([imgs[i] for i in part], beam_size=BEAM, batch_size=batch)):
+            for i, c in zip(part, cap.caption([imgs[i] for i in part], beam_size=BEAM, max_steps=STEPS,
+                                              batch_size=batch)):
                 out[i] = c.tokens
 
     threads = [threading.Thread(target=work, args=(share,)) for share in shares]
@@ -75,7 +79,8 @@ def _round(cap, imgs, batch: int, callers: int = 2) -> tuple[float, list[list[in
 def library(model: Path, cores: int, n_images: int, rounds: int) -> dict[str, Any]:
     from captrt.runtime import Captioner
 
-    configs = [(1, cores)] + [(s, 1) for s in range(2, cores + 1)]
+    # 1 x 1 beside them: the per-stream scaling at T = 1 and 2 that the projection to larger machines needs
+    configs = [(1, cores)] + ([(1, 1)] if cores > 1 else []) + [(s, 1) for s in range(2, cores + 1)]
     caps = {f"{s}x{t}": Captioner.load(model, streams=s, threads=t) for s, t in configs}
     imgs = images(n_images, seed=1)
     rows, same = [], True
@@ -99,7 +104,7 @@ def library(model: Path, cores: int, n_images: int, rounds: int) -> dict[str, An
         for name, cap in caps.items():  # one caller, batch 1: what a single request waits
             t0 = time.perf_counter()
             for im in imgs[:8]:
-                cap.caption(im, beam_size=BEAM)
+                cap.caption(im, beam_size=BEAM, max_steps=STEPS)
             latency[name] = round((time.perf_counter() - t0) / 8 * 1000, 1)
     finally:
         for cap in caps.values():
@@ -119,7 +124,7 @@ cap = Captioner.load(model, engine=engine, streams=s, threads=t)
 imgs = list(synthetic(4 * s, 256, seed=2).images)
 def work(k):
     for i in range(k, len(imgs), s):
-        cap.caption(imgs[i], beam_size=5)
+        cap.caption(imgs[i], beam_size=5, max_steps=16)
 for _ in range(2):
     threads = [threading.Thread(target=work, args=(k,)) for k in range(s)]
     [x.start() for x in threads]; [x.join() for x in threads]
@@ -161,7 +166,7 @@ def service(model: Path, cores: int, rounds: int, seconds: float, concurrency: i
                                              log=Path(logs) / f"{name}.log", name=name)
             for s in servers.values():
                 s.wait_ready()
-            params = {"beam_size": BEAM}
+            params = {"beam_size": BEAM, "max_steps": STEPS}
 
             async def run() -> dict[str, list]:
                 results: dict[str, list] = {k: [] for k in servers}
@@ -202,7 +207,8 @@ import json, sys, time
 from captrt.batch import run_batch
 model, corpus, out, streams, threads = sys.argv[1:6]
 t0 = time.perf_counter()
-r = run_batch([corpus], model, out, beam=5, batch_size=4, streams=int(streams), threads=int(threads), progress=False)
+r = run_batch([corpus], model, out, beam=5, max_steps=16, batch_size=4, streams=int(streams), threads=int(threads),
+              progress=False)
 print(json.dumps({"captioned": r.captioned, "seconds": r.seconds}))
 """
 
@@ -235,7 +241,7 @@ def section(report: dict[str, Any]) -> str:
     lib, cores = report["library"], report["machine"]["cores"]
     lines = [BEGIN, "## Streams: S searches at once over one model (issue 17)", "",
              f"{report['date']}, {report['machine']['cpu']}, {cores} usable cores; model: {report['model']}; "
-             f"beam {BEAM}, fp32. Command: `{report['command']}`. Method: benchmarks/streams.py's docstring.", "",
+             f"beam {BEAM}, {STEPS} steps per caption, fp32. Command: `{report['command']}`. Method: benchmarks/streams.py's docstring.", "",
              "| S x T | batch | images/s | vs 1 x " + str(cores) + " |", "|---|---|---|---|"]
     base = {r["batch"]: r["images_per_s"] for r in lib["rows"] if r["config"] == f"1x{cores}"}
     for r in lib["rows"]:

@@ -177,10 +177,8 @@ def _decoding(**flags: Any) -> dict[str, Any]:
     """The decoding-control flags that differ from their defaults, as Captioner.caption's keyword arguments."""
     from captrt.runtime.decoding import DecodingOptions
 
-    default = DecodingOptions()
-    flags["suppress"] = tuple(flags["suppress"] or ())
-    flags["prefix"] = tuple((flags["prefix"] or "").split())
-    return {k: v for k, v in flags.items() if v != getattr(default, k)}
+    flags["suppress"] = tuple(flags["suppress"] or ())  # typer gives None for an unused list option
+    return DecodingOptions.build(**flags).changed()
 
 
 @app.command()

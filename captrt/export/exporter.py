@@ -321,7 +321,7 @@ def check_contract(enc: onnx.ModelProto, dec: onnx.ModelProto, cfg, max_beam: in
                                     "penalty": ("float32", [n])},
                          "outputs": {"h_out": ("float32", [n, k, h]), "c_out": ("float32", [n, k, h]),
                                      "alpha": ("float32", [n, k, p]), "cand_logp": ("float32", [n, k, max_beam]),
-                                     "cand_ids": ("int64", [n, k, max_beam]), "logp": ("float32", [n, k, v])}},
+                                     "cand_ids": ("int64", [n, k, max_beam]), "logp": ("float32", [n, k, v + 1])}},
     }
     for name, graph in (("encoder", enc), ("decoder_step", dec)):
         got = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in graph_io(graph).items()}

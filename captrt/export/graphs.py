@@ -3,7 +3,7 @@
 EncoderGraph:     image uint8 (N, S, S, 3) -> features (N, P, E), att_proj (N, P, A), h0, c0 (N, H)
 DecoderStepGraph: tokens, origin (N, K), h, c (N, K_prev, H), features (N, P, E), att_proj (N, P, A),
                   ban_ids (N, K, B), penalty_ids (N, K, R), penalty (N,)
-                  -> h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C), logp (N, K, V)
+                  -> h_out, c_out (N, K, H), alpha (N, K, P), cand_logp, cand_ids (N, K, C), logp (N, K, V + 1)
 
 Both reuse the CaptionModel's own submodules (no weight copies), so the math is the model's math,
 only rearranged for export: the attention projection of the features is hoisted into the encoder,
@@ -103,7 +103,14 @@ class DecoderStepGraph(nn.Module):
         self.full_attn = dec.attention.full_attn
         self.f_beta = dec.f_beta
         self.cell = dec.decode_step  # nn.LSTMCell; only its parameters are used (see _lstm_cell)
-        self.fc = dec.fc  # dropout is the identity at eval, so it is left out
+        # fc with the padding column of the decoding controls (captrt.train.step_controls): a zero weight row
+        # and bias -inf, so the graph's matmul writes V + 1 logits at once (no copy to add the column).
+        # Dropout is the identity at eval, so it is left out. (self.fc stays for code that wants fc alone.)
+        self.fc = dec.fc
+        with torch.no_grad():
+            w, b = dec.fc.weight, dec.fc.bias
+            self.register_buffer("fc_weight", torch.cat([w, w.new_zeros(1, w.shape[1])]), persistent=False)
+            self.register_buffer("fc_bias", torch.cat([b, b.new_full((1,), float("-inf"))]), persistent=False)
 
     def _lstm_cell(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """nn.LSTMCell's math (gate order i, f, g, o) as two Gemms and pointwise ops. x (B, D+E), h/c (B, H)."""
@@ -135,11 +142,11 @@ class DecoderStepGraph(nn.Module):
         gate = torch.sigmoid(self.f_beta(h_prev))  # (B, E)
         h_new, c_new = self._lstm_cell(torch.cat([emb, gate * context], dim=1), h_prev, c_prev)
 
-        logits = self.fc(h_new).float()  # (B, V), fp32 for the beam scores
+        logits = F.linear(h_new, self.fc_weight, self.fc_bias).float()  # (B, V + 1), fp32 for the beam scores
         # Decoding controls before the top-C selection, so the search over candidates stays exact.
         theta = penalty.reshape(n, 1, 1).expand(n, k, 1).reshape(n * k, 1)  # (B, 1)
         logits = apply_step_controls(logits, ban_ids.reshape(n * k, -1), penalty_ids.reshape(n * k, -1), theta)
-        logp = F.log_softmax(logits, dim=1)  # (B, V)
+        logp = F.log_softmax(logits, dim=1)  # (B, V + 1): column V is -inf, exp(-inf) adds nothing
         cand_logp, cand_ids = torch.topk(logp, self.max_beam, dim=1, largest=True, sorted=True)  # (B, C)
         return (h_new.reshape(n, k, hidden), c_new.reshape(n, k, hidden), alpha,
                 cand_logp.reshape(n, k, self.max_beam), cand_ids.reshape(n, k, self.max_beam),
@@ -159,8 +166,8 @@ def example_decoder_inputs(model: CaptionModel, n: int = 2, k: int = 3, k_prev: 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, v, (n, k), generator=g)
     origin = torch.randint(0, k_prev, (n, k), generator=g)
-    ban_ids = torch.randint(0, v + 1, (n, k, banned), generator=g)  # V is the padding id
-    penalty_ids = torch.randint(0, v + 1, (n, k, penalized), generator=g)
+    ban_ids = torch.randint(0, v // 2, (n, k, banned), generator=g)  # V is the padding id;
+    penalty_ids = torch.randint(v // 2, v + 1, (n, k, penalized), generator=g)  # the lists are disjoint
     return (tokens, origin, torch.randn(n, k_prev, hd, generator=g), torch.randn(n, k_prev, hd, generator=g),
             torch.randn(n, p, e, generator=g), torch.randn(n, p, a, generator=g), ban_ids, penalty_ids,
             torch.full((n,), 1.2))

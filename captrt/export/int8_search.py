@@ -194,7 +194,7 @@ def step_feeds(session: Any, n: int, k: int) -> dict[str, np.ndarray]:
     """The neutral control inputs of a step session (format 2), or {} when it has none (format 1)."""
     if not set(CONTROL_INPUTS) <= {i.name for i in session.get_inputs()}:
         return {}
-    vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGP_OUTPUT)
+    vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGP_OUTPUT) - 1  # V + 1 columns
     return neutral_feeds(n, k, int(vocab))
 
 

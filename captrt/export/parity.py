@@ -76,13 +76,14 @@ def numeric_parity(model: CaptionModel, encoder, decoder, images: np.ndarray, st
         # Decoding controls in use (random bans and penalized words, theta 1.3): the in-graph processing
         # is checked against the torch function the torch engine runs.
         v = logits.shape[1]
-        ban = rng.integers(0, v + 1, size=(n, k, 3)).astype(np.int64)
-        pen = rng.integers(0, v + 1, size=(n, k, 4)).astype(np.int64)
+        ban = rng.integers(0, v // 2, size=(n, k, 3)).astype(np.int64)  # disjoint lists, as the host sends them
+        pen = rng.integers(v // 2, v + 1, size=(n, k, 4)).astype(np.int64)  # (V: padding)
         theta = np.full(n, 1.3, np.float32)
-        logits = apply_step_controls(logits, torch.from_numpy(ban.reshape(n * k, -1)),
+        ext = torch.cat([logits, torch.full_like(logits[:, :1], float("-inf"))], dim=1)  # the graph's V + 1
+        logits = apply_step_controls(ext, torch.from_numpy(ban.reshape(n * k, -1)),
                                      torch.from_numpy(pen.reshape(n * k, -1)),
                                      torch.from_numpy(theta).repeat_interleave(k)[:, None])
-        logp_t = F.log_softmax(logits, dim=1)  # (N*K, V)
+        logp_t = F.log_softmax(logits, dim=1)[:, :v]  # (N*K, V)
         h, c, alpha_o, cand_logp, cand_ids = decoder.run(list(DECODER_OUTPUTS), {
             "tokens": tokens, "origin": origin, "h": h, "c": c, "features": feats, "att_proj": att_proj,
             "ban_ids": ban, "penalty_ids": pen, "penalty": theta})

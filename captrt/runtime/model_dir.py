@@ -31,7 +31,7 @@ DECODER_STATE_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
 CONTROL_INPUTS = ("ban_ids", "penalty_ids", "penalty")  # format version 2: logit processing per slot
 DECODER_INPUTS = DECODER_STATE_INPUTS + CONTROL_INPUTS
 DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")  # what every step fetches
-LOGP_OUTPUT = "logp"  # format version 2: (N, K, V) processed log-probs, fetched for prefixes and sampling
+LOGP_OUTPUT = "logp"  # format 2: (N, K, V + 1) processed log-probs (+ the padding column), for prefixes/sampling
 GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_INPUTS}
 GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS + (LOGP_OUTPUT,)}
 # Format version 1: the step graph without decoding controls.

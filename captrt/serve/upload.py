@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from captrt.runtime.decoding import DecodingOptions
+from captrt.runtime.decoding.options import SCALE_MAX, SCALE_MIN
 from captrt.serve.batcher import DecodeParams
 from captrt.serve.config import RAW_CONTENT_TYPES, ServeConfig
 
@@ -180,10 +181,8 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
             controls[name] = _flag(name, raw[name], strict=True)
     for name in CONTROL_WORDS:
         if name in raw:
-            controls[name] = tuple(raw[name].split())
-    defaults = DecodingOptions()
-    params = DecodeParams(beam, steps, attention, penalty,
-                          tuple(sorted((k, v) for k, v in controls.items() if v != getattr(defaults, k))))
+            controls[name] = raw[name]  # space-separated: DecodingOptions.build splits it
+    params = DecodeParams(beam, steps, attention, penalty, tuple(sorted(DecodingOptions.build(**controls).changed().items())))
     if check is not None:
         try:
             check(params)
@@ -234,13 +233,13 @@ _CONTROL_DOCS = (  # README "Decoding controls" has the exact semantics
     ("suppress", {"type": "string"}, "space-separated words never generated"),
     ("disable_unk", {"type": "boolean"}, "never generate <unk>"),
     ("min_length", {"type": "integer", "minimum": 0}, "<end> is banned until a caption has this many words"),
-    ("repetition_penalty", {"type": "number", "exclusiveMinimum": 0},
+    ("repetition_penalty", {"type": "number", "minimum": SCALE_MIN, "maximum": SCALE_MAX},
      "CTRL penalty on words already generated (1 = off)"),
     ("no_repeat_ngram_size", {"type": "integer", "minimum": 0}, "no n-gram occurs twice in a caption (0 = off)"),
     ("prefix", {"type": "string"}, "space-separated words every caption starts with"),
     ("sample", {"type": "boolean"}, "random sampling instead of beam search (beam_size must be 1)"),
     ("sampling_topk", {"type": "integer", "minimum": 0}, "sample among the k most likely words (0 = all)"),
     ("sampling_topp", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "nucleus sampling threshold"),
-    ("sampling_temperature", {"type": "number", "exclusiveMinimum": 0}, "sampling temperature"),
+    ("sampling_temperature", {"type": "number", "minimum": SCALE_MIN, "maximum": SCALE_MAX}, "sampling temperature"),
     ("seed", {"type": "integer", "minimum": 0}, "makes sampling reproducible (per image: never depends on the batch)"),
 )

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captrt.train.model import CaptionModel, normalize_uint8
-from captrt.train.step_controls import apply_step_controls
+from captrt.train.step_controls import apply_step_controls, padded_logits
 
 
 class EncoderGraph(nn.Module):
@@ -57,11 +57,13 @@ class StepGraph(nn.Module):
         gate = torch.sigmoid(d.f_beta(h))
         x = torch.cat([d.embedding(tokens), gate * context], dim=2).reshape(n * k, -1)
         h2, c2 = d.decode_step(x, (h.reshape(n * k, hidden), c.reshape(n * k, hidden)))
-        logits = d.fc(h2)  # (B, V)
-        if ban_ids is not None:
+        if ban_ids is None:  # no controls: the checkpoint's own log_softmax over V words
+            logp = F.log_softmax(d.fc(h2), dim=1)  # (B, V)
+        else:  # as the exported graph: V + 1 logits, one scatter, log_softmax, the padding column dropped
             theta = penalty.reshape(n, 1, 1).expand(n, k, 1).reshape(n * k, 1)
-            logits = apply_step_controls(logits, ban_ids.reshape(n * k, -1), penalty_ids.reshape(n * k, -1), theta)
-        logp = F.log_softmax(logits, dim=1)
+            logits = apply_step_controls(padded_logits(d.fc, h2), ban_ids.reshape(n * k, -1),
+                                         penalty_ids.reshape(n * k, -1), theta)
+            logp = F.log_softmax(logits, dim=1)[:, :-1]  # (B, V)
         cand_logp, cand_ids = logp.topk(self.candidates, dim=1, largest=True, sorted=True)
         return (h2.reshape(n, k, hidden), c2.reshape(n, k, hidden), alpha,
                 cand_logp.reshape(n, k, -1), cand_ids.reshape(n, k, -1), logp.reshape(n, k, -1))

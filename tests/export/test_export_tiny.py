@@ -108,7 +108,7 @@ def test_graph_inputs_outputs_match_the_tables(exported, precision):
                                     "alpha": (f32, ["batch", "beams", p]),
                                     "cand_logp": (f32, ["batch", "beams", MAX_BEAM]),
                                     "cand_ids": (i64, ["batch", "beams", MAX_BEAM]),
-                                    "logp": (f32, ["batch", "beams", cfg.vocab_size])}
+                                    "logp": (f32, ["batch", "beams", cfg.vocab_size + 1])}
     for graph in (enc, dec):
         assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data for t in graph.graph.initializer)
         onnx.checker.check_model(graph, full_check=True)

@@ -61,7 +61,7 @@ def _step_feeds(n: int, k: int, dec: onnx.ModelProto, seed: int = 0) -> dict[str
 
 
 def _vocab(dec: onnx.ModelProto) -> int:
-    return next(o.type.tensor_type.shape.dim[2].dim_value for o in dec.graph.output if o.name == "logp")
+    return next(o.type.tensor_type.shape.dim[2].dim_value for o in dec.graph.output if o.name == "logp") - 1
 
 
 @pytest.mark.parametrize("form", ["u8u8", "u8s8"])

@@ -202,7 +202,7 @@ def test_captrt_caption_decoding_controls(varied_model_dir, photo_dir):
     row = json.loads(res.stdout.strip().splitlines()[-1])
     assert [h["tokens"] for h in row["hypotheses"]] == [h.tokens for h in want.hypotheses]
     assert row["token_scores"] == pytest.approx(want.token_scores)
-    for args, needle in ((["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    for args, needle in ((["--repetition-penalty", "0"], "repetition_penalty must be a finite number >= 0.001 and <= 1000"),
                          (["--suppress", "zebra"], "suppress: 'zebra' is not in the model's vocabulary"),
                          (["--sample"], "beam_size must be 1 with sample=True")):
         res = CliRunner().invoke(app, ["caption", str(img), "--model", str(varied_model_dir), "--threads", "1", *args])

@@ -341,7 +341,8 @@ def test_decoding_controls_over_http(server, auth, jpegs, serve_model_dir):
     assert [c["tokens"] for c in r.json()["captions"]] == [c.tokens for c in sampled]
     assert "token_scores" not in r.json()["captions"][0] and "hypotheses" not in r.json()["captions"][0]
     for params, needle in (({"suppress": "zebra"}, "suppress: 'zebra' is not in the model's vocabulary"),
-                           ({"repetition_penalty": "0"}, "repetition_penalty must be a finite number > 0"),
+                           ({"repetition_penalty": "0"}, "repetition_penalty must be a finite number >= 0.001 and <= 1000"),
+                           ({"repetition_penalty": "5e-324"}, "repetition_penalty must be a finite number >= 0.001"),
                            ({"num_hypotheses": "6"}, "num_hypotheses must be an integer between 1 and 5"),
                            ({"sample": "true"}, "beam_size must be 1 with sample=True"),
                            ({"sample": "1"}, "sample must be true or false"),

@@ -8,7 +8,7 @@ DecodingOptions and calls `check`, so a bad value gets the same message, naming 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +19,9 @@ from captrt.vocab import SPECIALS, Vocab
 # exported before format version 2 has no inputs for them.
 GRAPH_OPTIONS = ("suppress", "disable_unk", "min_length", "repetition_penalty", "no_repeat_ngram_size", "prefix",
                  "sample")
+
+
+SCALE_MIN, SCALE_MAX = 1e-3, 1e3  # repetition_penalty and sampling_temperature
 
 
 class DecodingOptionError(ValueError):
@@ -86,10 +89,6 @@ class DecodingOptions:
         """True when the step graph must process logits or return full log-probs (format version 2)."""
         return any(k in GRAPH_OPTIONS for k in self.changed())
 
-    def batch_key(self) -> "DecodingOptions":
-        """What images must agree on to share one batched search (return_scores only shapes the output)."""
-        return replace(self, return_scores=False)
-
     def check(self, vocab: Vocab, *, max_beam: int, max_steps: int | None = None) -> "DecodingOptions":
         """Validate every field against the model; returns self. max_steps: the caller's cap, if any."""
         _integer("beam_size", self.beam_size, 1, max_beam, f" (the model's max_beam is {max_beam})")
@@ -108,11 +107,13 @@ class DecodingOptions:
             _integer("num_hypotheses", self.num_hypotheses, 1, self.beam_size, " (at most beam_size)")
         _integer("min_length", self.min_length, 0, self.max_steps - 1,
                  f" (below max_steps={self.max_steps}, so that <end> can still be generated)")
-        _number("repetition_penalty", self.repetition_penalty, low=0.0, strict=True)
+        # Bounded, not only > 0: theta and T divide logits, and a tiny one (say 5e-324, 0 in float32) makes
+        # them infinite, which no search can rank.
+        _number("repetition_penalty", self.repetition_penalty, low=SCALE_MIN, high=SCALE_MAX)
         _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, None)
         _integer("sampling_topk", self.sampling_topk, 0, None)
         _number("sampling_topp", self.sampling_topp, low=0.0, strict=True, high=1.0)
-        _number("sampling_temperature", self.sampling_temperature, low=0.0, strict=True)
+        _number("sampling_temperature", self.sampling_temperature, low=SCALE_MIN, high=SCALE_MAX)
         if self.seed is not None:
             _integer("seed", self.seed, 0, 2**63 - 1)
         for name in ("suppress", "prefix"):

@@ -7,8 +7,9 @@ top-C selection, so the search over the candidates stays exact:
 2. -inf for banned words: suppress, <unk> (disable_unk), <end> while the hypothesis has fewer than
    min_length words, and each word that would repeat an n-gram (no_repeat_ngram_size);
 3. log_softmax.
-Lists are padded with V (the graph scatters into a throw-away column V), so every slot of a batch
-shares one width and a slot's result never depends on the other slots'.
+Lists are padded with V (the graph's padding column, always -inf), so every slot of a batch shares one
+width and a slot's result never depends on the other slots'; a banned word is left out of the
+penalized list (the graph writes both lists in one scatter).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def step_controls(rules: LogitRules, seqs: np.ndarray) -> StepControls:
     if rules.repetition_penalty != 1.0 and t:
         words = np.sort(seqs, axis=2)  # (N, K, t): repeats made adjacent, then padded out
         words[:, :, 1:][words[:, :, 1:] == words[:, :, :-1]] = v
+        # Banned words are -inf whatever their penalty: leaving them out keeps the graph's one scatter exact.
+        words[(words[:, :, :, None] == ban[:, :, None, :]).any(axis=3)] = v
         penalty = np.full(n, rules.repetition_penalty, dtype=np.float32)
     else:
         words, penalty = np.full((n, k, 1), v, dtype=np.int64), np.ones(n, dtype=np.float32)

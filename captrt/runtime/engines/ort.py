@@ -143,7 +143,7 @@ class SessionEngine(Engine):
     def vocab_size(self) -> int:
         """V, the padding id of the control inputs."""
         if self._vocab_size is None:
-            self._vocab_size = int(next(o.shape[-1] for o in self.decoder.get_outputs() if o.name == LOGP_OUTPUT))
+            self._vocab_size = int(next(o.shape[-1] for o in self.decoder.get_outputs() if o.name == LOGP_OUTPUT)) - 1
         return self._vocab_size
 
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
@@ -156,7 +156,8 @@ class SessionEngine(Engine):
         names = list(DECODER_OUTPUTS) + ([LOGP_OUTPUT] if want_logp else [])
         h, c, alpha, cand_logp, cand_ids, *logp = self.decoder.run(names, feeds)
         state.h, state.c, state.beams = h, c, tokens.shape[1]
-        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None, logp[0] if logp else None)
+        # logp: the graph's (N, K, V + 1); the padding column (always -inf) is not a word
+        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None, logp[0][..., :-1] if logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, HostState)

@@ -113,7 +113,7 @@ class CudaBinding:
         h, c, alpha, cand_logp, cand_ids, *logp = b.get_outputs()
         state.h, state.c, state.beams = DeviceTensor.wrap(h), DeviceTensor.wrap(c), tokens.shape[1]
         return StepOutput(cand_logp.numpy(), cand_ids.numpy(), alpha.numpy() if want_alpha else None,
-                          logp[0].numpy() if want_logp else None)
+                          logp[0].numpy()[..., :-1] if want_logp else None)  # the padding column dropped
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, CudaState)

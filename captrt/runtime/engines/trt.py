@@ -205,7 +205,7 @@ class TrtEngine(Engine):
             for name in ("ban_ids", "penalty_ids"):
                 shapes[name] = ((nb, kb, tb.MAX_CONTROL_IDS), dec[name][1])
             shapes["penalty"] = ((nb,), dec["penalty"][1])
-            shapes["logp"] = ((nb, kb, m.vocab_size), dec["logp"][1])
+            shapes["logp"] = ((nb, kb, m.vocab_size + 1), dec["logp"][1])  # V words + the padding column
         layout, total = {}, 0
         for name, (shape, dtype) in shapes.items():
             layout[name] = total
@@ -366,7 +366,8 @@ class TrtEngine(Engine):
             logp = self._download(slot, ws.addr["cand_logp"], (n, k, c), io["cand_logp"][1])
             ids = self._download(slot, ws.addr["cand_ids"], (n, k, c), io["cand_ids"][1])
             alpha = self._download(slot, ws.addr["alpha"], (n, k, p), io["alpha"][1]) if want_alpha else None
-            full = self._download(slot, ws.addr["logp"], (n, k, m.vocab_size), io["logp"][1]) if want_logp else None
+            full = self._download(slot, ws.addr["logp"], (n, k, m.vocab_size + 1), io["logp"][1])[..., :-1] \
+                if want_logp else None
         ws.cur, state.beams = b, k
         return StepOutput(logp.astype(np.float32, copy=False), ids.astype(np.int64, copy=False),
                           None if alpha is None else alpha.astype(np.float32, copy=False),
