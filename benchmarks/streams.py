@@ -7,9 +7,9 @@ Method (every comparison in one run, its configurations alternated round by roun
 machine's drift hits all of them alike):
 - library: one Captioner per configuration S x T (1 x all cores, 1 x 1, and S x 1 up to the core count),
   loaded together; two calling threads keep the streams busy, each captioning its share of the
-  images in calls of B images (B = 1 and 4), beam 5, STEPS = 16 steps per caption (below), fp32 ONNX Runtime; images/s = images / wall
-  seconds of the round. Captions must be identical across configurations. The latency at batch 1 of
-  one caller alone is reported beside the throughput.
+  images in calls of B images (B = 1 and 4), beam 5, STEPS = 16 steps per caption (below), fp32
+  ONNX Runtime; images/s = images / wall seconds of the round. Captions must be identical across
+  configurations. The latency at batch 1 of one caller alone is reported beside the throughput.
 - memory: one fresh process per engine and S (T = cores / S): resident memory after loading and
   captioning a few images with S callers (VmRSS), so a second stream's cost is what it adds.
 - service: `captrt serve --streams 1` (T = cores) and `--streams 2 --threads 1` side by side, closed
@@ -241,14 +241,16 @@ def section(report: dict[str, Any]) -> str:
     lib, cores = report["library"], report["machine"]["cores"]
     lines = [BEGIN, "## Streams: S searches at once over one model (issue 17)", "",
              f"{report['date']}, {report['machine']['cpu']}, {cores} usable cores; model: {report['model']}; "
-             f"beam {BEAM}, {STEPS} steps per caption, fp32. Command: `{report['command']}`. Method: benchmarks/streams.py's docstring.", "",
+             f"beam {BEAM}, {STEPS} steps per caption, fp32. Command: `{report['command']}`. "
+             "Method: benchmarks/streams.py's docstring.", "",
              "| S x T | batch | images/s | vs 1 x " + str(cores) + " |", "|---|---|---|---|"]
     base = {r["batch"]: r["images_per_s"] for r in lib["rows"] if r["config"] == f"1x{cores}"}
     for r in lib["rows"]:
-        lines.append(f"| {r['config']} | {r['batch']} | {r['images_per_s']:.2f} | {r['images_per_s'] / base[r['batch']]:.2f}x |")
+        ratio = r["images_per_s"] / base[r["batch"]]
+        lines.append(f"| {r['config']} | {r['batch']} | {r['images_per_s']:.2f} | {ratio:.2f}x |")
+    latency = ", ".join(f"{k} {v}" for k, v in lib["latency_ms_batch1"].items())
     lines += ["", f"Captions identical across configurations: {'yes' if lib['identical'] else 'NO'}. Latency of one "
-              "request alone at batch 1 (ms): " + ", ".join(f"{k} {v}" for k, v in lib["latency_ms_batch1"].items()) + ".",
-              ""]
+              f"request alone at batch 1 (ms): {latency}.", ""]
     if report.get("memory"):
         lines += ["| engine | S | T | resident MB | a 2nd stream adds |", "|---|---|---|---|---|"]
         by = {(m["engine"], m["streams"]): m for m in report["memory"]}

@@ -182,7 +182,8 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
     for name in CONTROL_WORDS:
         if name in raw:
             controls[name] = raw[name]  # space-separated: DecodingOptions.build splits it
-    params = DecodeParams(beam, steps, attention, penalty, tuple(sorted(DecodingOptions.build(**controls).changed().items())))
+    changed = DecodingOptions.build(**controls).changed()  # only what differs from the defaults: hashable, comparable
+    params = DecodeParams(beam, steps, attention, penalty, tuple(sorted(changed.items())))
     if check is not None:
         try:
             check(params)
