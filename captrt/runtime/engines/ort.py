@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from captrt.runtime.decoding.processing import neutral_controls  # the default path's controls, every step
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT
@@ -134,8 +135,6 @@ class SessionEngine(Engine):
                                  "re-export the model with this captrt to use them")
             return {}
         if controls is None:
-            from captrt.runtime.decoding.processing import neutral_controls
-
             controls = neutral_controls(*tokens.shape, self.vocab_size)
         return controls.feeds()
 

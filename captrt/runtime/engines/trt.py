@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from captrt.runtime.engines import trt_build as tb
+from captrt.runtime.decoding.processing import neutral_controls  # the default path's controls, every step
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
@@ -382,8 +383,6 @@ class TrtEngine(Engine):
                                  "re-export the model with this captrt to use them")
             return {}
         if controls is None:
-            from captrt.runtime.decoding.processing import neutral_controls
-
             controls = neutral_controls(n, k, m.vocab_size)
         for name, arr in (("ban_ids", controls.ban_ids), ("penalty_ids", controls.penalty_ids)):
             if arr.shape[:2] != (n, k) or not 1 <= arr.shape[2] <= tb.MAX_CONTROL_IDS:
