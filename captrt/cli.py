@@ -9,6 +9,8 @@ from typing import Any, List, Optional
 import typer
 import typer.core
 
+from captrt.cli_flags import decoding_flags
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Show, Attend and Tell: train, export, caption, bench.")
 
 
@@ -170,57 +172,33 @@ def export(checkpoint: Path = typer.Argument(...),
         raise typer.Exit(1)
 
 
-_DC = "Decoding controls (README: Decoding controls)"
-
-
-def _decoding(**flags: Any) -> dict[str, Any]:
-    """The decoding-control flags that differ from their defaults, as Captioner.caption's keyword arguments."""
-    from captrt.runtime.decoding import DecodingOptions
-
-    flags["suppress"] = tuple(flags["suppress"] or ())  # typer gives None for an unused list option
-    return DecodingOptions.build(**flags).changed()
+def _controls(decoding: Any) -> dict[str, Any]:
+    """The decoding options given (beside beam and max steps), as Captioner.caption's keyword arguments."""
+    return {k: v for k, v in decoding.changed().items() if k not in ("beam_size", "max_steps")}
 
 
 @app.command()
+@decoding_flags
 def caption(images: List[str] = typer.Argument(..., help="image files, directories or globs"),
             model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
             engine: str = typer.Option("ort", "--engine", help="ort | openvino | trt | torch"),
             device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
             precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | bf16 (bf16: --engine openvino)"),
-            beam: int = typer.Option(5, "--beam"),
             batch: int = typer.Option(16, "--batch", help="images per batch"),
-            max_steps: int = typer.Option(50, "--max-steps"),
-            length_penalty: float = typer.Option(0.0, "--length-penalty", help="GNMT alpha; 0 = the seed's raw score"),
             json_lines: bool = typer.Option(False, "--json", help="one JSON object per image"),
             attention: Optional[Path] = typer.Option(None, "--attention", help="write one attention PNG per image here"),
             threads: Optional[int] = typer.Option(None, "--threads"),
             providers: Optional[str] = typer.Option(None, "--providers", help="ORT providers, comma list"),
             allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                   help="load a precision that has not met the quality budget here"),
-            num_hypotheses: int = typer.Option(1, "--num-hypotheses", help="hypotheses per image (<= --beam)", rich_help_panel=_DC),
-            return_scores: bool = typer.Option(False, "--return-scores", help="per-word log-probabilities", rich_help_panel=_DC),
-            suppress: Optional[List[str]] = typer.Option(None, "--suppress", help="a word never generated (repeatable)", rich_help_panel=_DC),
-            disable_unk: bool = typer.Option(False, "--disable-unk", help="never generate <unk>", rich_help_panel=_DC),
-            min_length: int = typer.Option(0, "--min-length", help="words before <end> is allowed", rich_help_panel=_DC),
-            repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (1 = off)", rich_help_panel=_DC),
-            no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="no repeated n-gram (0 = off)", rich_help_panel=_DC),
-            prefix: Optional[str] = typer.Option(None, "--prefix", help='words every caption starts with, e.g. "a photo of"', rich_help_panel=_DC),
-            sample: bool = typer.Option(False, "--sample", help="random sampling (with --beam 1)", rich_help_panel=_DC),
-            sampling_topk: int = typer.Option(0, "--sampling-topk", help="0 = all words", rich_help_panel=_DC),
-            sampling_topp: float = typer.Option(1.0, "--sampling-topp", help="nucleus threshold", rich_help_panel=_DC),
-            sampling_temperature: float = typer.Option(1.0, "--sampling-temperature", rich_help_panel=_DC),
-            seed: Optional[int] = typer.Option(None, "--seed", help="reproducible sampling", rich_help_panel=_DC)):
+            decoding: Any = None):
     """Caption images with the torch-free runtime; one line per image (tab-separated path and caption)."""
     from captrt.runtime.cli_caption import caption_files
 
-    code = caption_files(images, model, engine=engine, device=device, precision=precision, beam=beam, batch=batch,
-                         json_lines=json_lines, attention_dir=attention, max_steps=max_steps, threads=threads,
-                         providers=providers, length_penalty=length_penalty, allow_unverified=allow_unverified,
-                         decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
-                                   min_length=min_length, repetition_penalty=repetition_penalty,
-                                   no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix, sample=sample,
-                                   sampling_topk=sampling_topk, sampling_topp=sampling_topp,
-                                   sampling_temperature=sampling_temperature, seed=seed))
+    code = caption_files(images, model, engine=engine, device=device, precision=precision, beam=decoding.beam_size,
+                         batch=batch, json_lines=json_lines, attention_dir=attention, max_steps=decoding.max_steps,
+                         threads=threads, providers=providers, allow_unverified=allow_unverified,
+                         decoding=_controls(decoding))
     raise typer.Exit(code)
 
 
@@ -253,6 +231,7 @@ class _RayOptionCommand(typer.core.TyperCommand):
 
 
 @app.command(cls=_RayOptionCommand)
+@decoding_flags
 def batch(sources: List[str] = typer.Argument(..., help="directories, globs, manifests (.txt, .csv/.parquet with a path "
                                                         "column, Karpathy JSON); local or s3://, gs://, ..."),
           model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
@@ -260,8 +239,6 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
           engine: str = typer.Option("ort", "--engine", help="ort | openvino | trt | torch"),
           device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
           precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 | bf16 (bf16: --engine openvino)"),
-          beam: int = typer.Option(5, "--beam"),
-          max_steps: int = typer.Option(50, "--max-steps"),
           batch_size: int = typer.Option(16, "--batch-size", help="images per engine batch"),
           fmt: str = typer.Option("parquet", "--format", help="parquet | jsonl"),
           split: Optional[str] = typer.Option(None, "--split", help="Karpathy JSON sources: this split only"),
@@ -280,19 +257,7 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
                                                                             "above the cores"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                 help="load a precision whose quality verification is missing or failed"),
-          num_hypotheses: int = typer.Option(1, "--num-hypotheses", help="hypotheses per image (<= --beam)", rich_help_panel=_DC),
-          return_scores: bool = typer.Option(False, "--return-scores", help="per-word log-probabilities", rich_help_panel=_DC),
-          suppress: Optional[List[str]] = typer.Option(None, "--suppress", help="a word never generated (repeatable)", rich_help_panel=_DC),
-          disable_unk: bool = typer.Option(False, "--disable-unk", help="never generate <unk>", rich_help_panel=_DC),
-          min_length: int = typer.Option(0, "--min-length", help="words before <end> is allowed", rich_help_panel=_DC),
-          repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (1 = off)", rich_help_panel=_DC),
-          no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="no repeated n-gram (0 = off)", rich_help_panel=_DC),
-          prefix: Optional[str] = typer.Option(None, "--prefix", help='words every caption starts with, e.g. "a photo of"', rich_help_panel=_DC),
-          sample: bool = typer.Option(False, "--sample", help="random sampling (with --beam 1)", rich_help_panel=_DC),
-          sampling_topk: int = typer.Option(0, "--sampling-topk", help="0 = all words", rich_help_panel=_DC),
-          sampling_topp: float = typer.Option(1.0, "--sampling-topp", help="nucleus threshold", rich_help_panel=_DC),
-          sampling_temperature: float = typer.Option(1.0, "--sampling-temperature", rich_help_panel=_DC),
-          seed: Optional[int] = typer.Option(None, "--seed", help="reproducible sampling", rich_help_panel=_DC)):
+          decoding: Any = None):
     """Caption a corpus into Parquet/JSON-lines shards (resumable; locally or on a Ray cluster)."""
     import signal
 
@@ -303,15 +268,13 @@ def batch(sources: List[str] = typer.Argument(..., help="directories, globs, man
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = run_batch(sources, model, out, engine=engine, device=device, precision=precision, beam=beam,
-                           max_steps=max_steps, batch_size=batch_size, fmt=fmt, resume=resume, split=split,
+        result = run_batch(sources, model, out, engine=engine, device=device, precision=precision,
+                           beam=decoding.beam_size, max_steps=decoding.max_steps, batch_size=batch_size, fmt=fmt,
+                           resume=resume, split=split,
                            shard_rows=shard_rows, ray=ray, actors=actors, threads_per_actor=threads_per_actor,
                            threads=threads, streams=None if streams is None else _streams(streams),
-                           oversubscribe=oversubscribe, allow_unverified=allow_unverified, decoding=_decoding(num_hypotheses=num_hypotheses, return_scores=return_scores, suppress=suppress, disable_unk=disable_unk,
-                                   min_length=min_length, repetition_penalty=repetition_penalty,
-                                   no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix, sample=sample,
-                                   sampling_topk=sampling_topk, sampling_topp=sampling_topp,
-                                   sampling_temperature=sampling_temperature, seed=seed))
+                           oversubscribe=oversubscribe, allow_unverified=allow_unverified,
+                           decoding=_controls(decoding))
     except BatchUsageError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -109,8 +109,6 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     if not sources:
         raise BatchUsageError("no SOURCE given")
     _positive("batch_size", batch_size)
-    _positive("beam", beam)
-    _positive("max_steps", max_steps)
     _positive("shard_rows", shard_rows)
     for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("threads", threads),
                         ("decode_threads", decode_threads)):
@@ -174,9 +172,6 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                                        **load_options)
         except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
             raise BatchUsageError(str(exc)) from None
-        if beam > captioner.max_beam:
-            captioner.close()
-            raise BatchUsageError(f"beam must be at most the model's max_beam {captioner.max_beam}, got {beam}")
         if ray is not None:
             captioner.close()
             captioner = None

@@ -227,28 +227,21 @@ class Captioner:
         for n in batch_sizes:
             self.caption([blank] * n, beam_size=beam_size, max_steps=2, batch_size=n)
 
-    def caption(self, images: Any, beam_size: int = 5, max_steps: int = 50, length_penalty: float = 0.0,
-                return_attention: bool = False, batch_size: int = 16, *, num_hypotheses: int = 1,
-                return_scores: bool = False, suppress: Sequence[str] = (), disable_unk: bool = False,
-                min_length: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                prefix: Sequence[str] = (), sample: bool = False, sampling_topk: int = 0,
-                sampling_topp: float = 1.0, sampling_temperature: float = 1.0,
-                seed: int | None = None) -> list[Caption]:
+    def caption(self, images: Any, beam_size: int | None = None, max_steps: int | None = None,
+                length_penalty: float | None = None, return_attention: bool = False, batch_size: int = 16,
+                **options: Any) -> list[Caption]:
         """Caption one image or many; always returns a list, one Caption per input, in order.
 
         images: path, bytes, binary file object, PIL image, uint8 array (H, W, 3), a (N, H, W, 3)
         array, or a list of any of these. An image that cannot be read gets Caption.error and does
-        not stop the others. length_penalty: GNMT alpha applied when choosing among completed
-        hypotheses (0 = raw log-probability, the seed's rule). batch_size: images per engine batch.
-        The decoding controls (num_hypotheses ... seed) are DecodingOptions' (README "Decoding
-        controls"); a bad value raises DecodingOptionError (a ValueError) naming the field.
+        not stop the others. batch_size: images per engine batch. beam_size, max_steps, length_penalty
+        (GNMT alpha among completed hypotheses; 0 = raw log-probability, the seed's rule) and every other
+        keyword are DecodingOptions' fields, None meaning the default (docs/decoding.md has the table:
+        num_hypotheses, return_scores, suppress, ..., seed); a bad or unknown one raises
+        DecodingOptionError (a ValueError) naming the field.
         """
-        options = DecodingOptions.build(
-            beam_size=beam_size, max_steps=max_steps, length_penalty=length_penalty, num_hypotheses=num_hypotheses,
-            return_scores=return_scores, suppress=suppress, disable_unk=disable_unk, min_length=min_length,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, prefix=prefix,
-            sample=sample, sampling_topk=sampling_topk, sampling_topp=sampling_topp,
-            sampling_temperature=sampling_temperature, seed=seed)
+        options = DecodingOptions.build(beam_size=beam_size, max_steps=max_steps, length_penalty=length_penalty,
+                                        **options)
         return self.caption_with(images, options, return_attention=return_attention, batch_size=batch_size)
 
     def check_options(self, options: DecodingOptions, max_steps: int | None = None) -> DecodingOptions:

@@ -99,7 +99,8 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
         complain(str(exc))
         return EXIT_USAGE
-    decoding = dict(decoding or {})
+    # The flags' beam, max_steps and length_penalty, then the rest of the options given (which may repeat them).
+    decoding = {"beam_size": beam, "max_steps": max_steps, "length_penalty": length_penalty, **(decoding or {})}
     hypotheses = decoding.get("num_hypotheses", 1) > 1 or bool(decoding.get("return_scores"))
     failed = len(problems)
     plot_dir = Path(attention_dir) if attention_dir is not None else None
@@ -113,8 +114,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
             # an unreadable one stays a path, so caption() reports it exactly as without plots.
             images = [_read_or_path(captioner, p) for p in chunk] if plot_dir is not None else chunk
             try:
-                caps = captioner.caption(images, beam_size=beam, max_steps=max_steps, length_penalty=length_penalty,
-                                         return_attention=plot_dir is not None, batch_size=batch, **decoding)
+                caps = captioner.caption(images, return_attention=plot_dir is not None, batch_size=batch, **decoding)
             except ValueError as exc:  # a bad beam/max_steps/decoding option: same for every batch
                 bar.close()
                 complain(str(exc))

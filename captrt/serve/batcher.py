@@ -23,6 +23,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from captrt.runtime.decoding import DecodingOptions
+from captrt.runtime.decoding.options import SPECS
+
 log = logging.getLogger("captrt.serve")
 
 
@@ -48,12 +51,16 @@ class DecodeParams:
 
     @property
     def batch_key(self) -> "DecodeParams":
-        return replace(self, controls=tuple(kv for kv in self.controls if kv[0] != "return_scores"))
+        return replace(self, controls=tuple(kv for kv in self.controls if SPECS[kv[0]].splits_batch))
 
-    def decoding(self) -> Any:
-        """The captrt.runtime.decoding.DecodingOptions these parameters ask for."""
-        from captrt.runtime.decoding import DecodingOptions
+    @classmethod
+    def of(cls, options: DecodingOptions, attention: bool = False) -> "DecodeParams":
+        basics = ("beam_size", "max_steps", "length_penalty")
+        controls = tuple(sorted((k, v) for k, v in options.changed().items() if k not in basics))
+        return cls(options.beam_size, options.max_steps, attention, options.length_penalty, controls)
 
+    def decoding(self) -> DecodingOptions:
+        """The DecodingOptions these parameters ask for."""
         return DecodingOptions.build(beam_size=self.beam_size, max_steps=self.max_steps,
                                      length_penalty=self.length_penalty, **dict(self.controls))
 

@@ -6,7 +6,6 @@ the part or field; nothing here decodes pixels (that happens on the decode pool)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -14,18 +13,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from captrt.runtime.decoding import DecodingOptions
-from captrt.runtime.decoding.options import SCALE_MAX, SCALE_MIN
+from captrt.runtime.decoding import DecodingOptionError, DecodingOptions
+from captrt.runtime.decoding.option_docs import option_json_schema
+from captrt.runtime.decoding.options import SPECS, option_names, parse_option_text
 from captrt.serve.batcher import DecodeParams
 from captrt.serve.config import RAW_CONTENT_TYPES, ServeConfig
 
-# The decoding controls take the names of Captioner.caption's keyword arguments (README "Decoding controls").
-CONTROL_INTS = ("num_hypotheses", "min_length", "no_repeat_ngram_size", "sampling_topk", "seed")
-CONTROL_FLOATS = ("repetition_penalty", "sampling_topp", "sampling_temperature")
-CONTROL_FLAGS = ("return_scores", "disable_unk", "sample")
-CONTROL_WORDS = ("suppress", "prefix")  # space-separated words
-PARAMS = ("beam_size", "max_steps", "attention", "length_penalty") + CONTROL_INTS + CONTROL_FLOATS + CONTROL_FLAGS \
-    + CONTROL_WORDS
+# The parameters take the names of Captioner.caption's keyword arguments (docs/decoding.md).
+PARAMS = option_names() + ("attention",)
 DEFAULT_BEAM = 5
 _TRUE = {"1", "true", "yes", "on"}  # attention's spellings (kept as they were)
 _FALSE = {"0", "false", "no", "off"}
@@ -132,10 +127,11 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
                  max_steps_cap: int, check: Callable[[DecodeParams], None] | None = None) -> DecodeParams:
     """Query parameters and form fields -> DecodeParams; 422 naming the field for anything wrong.
 
-    beam_size 1..max_beam (default min(5, max_beam)); max_steps 1..cap (default cap);
-    attention true/false (default false); length_penalty >= 0 (GNMT alpha, default 0); the decoding
-    controls as Captioner.caption takes them. check: validates the result against the model
-    (Captioner.check_options), raising ValueError with the field's name first.
+    The decoding options are DecodingOptions' fields, read by its one strict text parser and checked by
+    its one validation (docs/decoding.md has the table); the service's own defaults: beam_size
+    min(5, max_beam), max_steps the service's cap. attention: true/false (default false). check:
+    validates the result against the model (Captioner.check_options), raising ValueError with the
+    field's name first.
     """
     given: dict[str, list[str]] = {}
     for key, value in list(query) + list(fields.items()):
@@ -143,47 +139,16 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
     unknown = sorted(set(given) - set(PARAMS))
     if unknown:
         raise ServeError(422, f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(PARAMS)}")
-    raw = {k: _one(k, v).strip() for k, v in given.items()}
-
-    def integer(name: str, default: int, high: int, hint: str) -> int:
-        if name not in raw:
-            return default
-        text = raw[name]
-        if not text.lstrip("+").isdigit() or not 1 <= int(text) <= high:
-            raise ServeError(422, f"{name} must be an integer between 1 and {high}{hint}, got {text!r}")
-        return int(text)
-
-    beam = integer("beam_size", min(DEFAULT_BEAM, max_beam), max_beam, f" (the model's max_beam is {max_beam})")
-    steps = integer("max_steps", max_steps_cap, max_steps_cap, " (the service's cap)")
-    attention = _flag("attention", raw["attention"]) if "attention" in raw else False
-    penalty = 0.0
-    if "length_penalty" in raw:
-        try:
-            penalty = float(raw["length_penalty"])
-        except ValueError:
-            penalty = -1.0
-        if not math.isfinite(penalty) or penalty < 0 or penalty > 10:
-            raise ServeError(422, f"length_penalty must be a number between 0 and 10, got {raw['length_penalty']!r}")
-    controls: dict[str, Any] = {}
-    for name in CONTROL_INTS:
-        if name in raw:
-            if not raw[name].lstrip("+-").isdigit():
-                raise ServeError(422, f"{name} must be an integer, got {raw[name]!r}")
-            controls[name] = int(raw[name])
-    for name in CONTROL_FLOATS:
-        if name in raw:
-            try:
-                controls[name] = float(raw[name])
-            except ValueError:
-                raise ServeError(422, f"{name} must be a number, got {raw[name]!r}") from None
-    for name in CONTROL_FLAGS:  # true/false only, as OpenAPI writes booleans
-        if name in raw:
-            controls[name] = _flag(name, raw[name], strict=True)
-    for name in CONTROL_WORDS:
-        if name in raw:
-            controls[name] = raw[name]  # space-separated: DecodingOptions.build splits it
-    changed = DecodingOptions.build(**controls).changed()  # only what differs from the defaults: hashable, comparable
-    params = DecodeParams(beam, steps, attention, penalty, tuple(sorted(changed.items())))
+    raw = {k: _one(k, v) for k, v in given.items()}
+    attention = _flag("attention", raw.pop("attention").strip()) if "attention" in raw else False
+    try:
+        values = {name: parse_option_text(name, text) for name, text in raw.items()}
+        values.setdefault("beam_size", min(DEFAULT_BEAM, max_beam))
+        values.setdefault("max_steps", max_steps_cap)
+        options = DecodingOptions.build(**values).check(None, max_beam=max_beam, max_steps=max_steps_cap)
+    except DecodingOptionError as exc:
+        raise ServeError(422, str(exc)) from None
+    params = DecodeParams.of(options, attention)
     if check is not None:
         try:
             check(params)
@@ -207,40 +172,11 @@ def error_status(kinds: Iterable[str]) -> int:
 
 
 def params_schema(max_beam: int | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
-    """OpenAPI query parameters (form fields of the same names are accepted too), with the model's
-    limits when they are known."""
-    def bounded(maximum: int | None) -> dict[str, Any]:
-        return {"type": "integer", "minimum": 1, **({"maximum": maximum} if maximum else {})}
-
-    return [
-        {"name": "beam_size", "in": "query", "required": False, "schema": bounded(max_beam),
-         "description": "beam width, 1..the model's max_beam (default 5)"},
-        {"name": "max_steps", "in": "query", "required": False, "schema": bounded(max_steps),
-         "description": "most words per caption, 1..the service's cap (default: the cap)"},
-        {"name": "attention", "in": "query", "required": False, "schema": {"type": "boolean"},
-         "description": "return the (T, grid, grid) attention maps"},
-        {"name": "length_penalty", "in": "query", "required": False,
-         "schema": {"type": "number", "minimum": 0, "maximum": 10},
-         "description": "GNMT alpha among completed hypotheses (0 = raw log-probability)"},
-        *({"name": name, "in": "query", "required": False, "schema": schema, "description": text}
-          for name, schema, text in _CONTROL_DOCS),
-    ]
-
-
-_CONTROL_DOCS = (  # README "Decoding controls" has the exact semantics
-    ("num_hypotheses", {"type": "integer", "minimum": 1},
-     "hypotheses per image (<= beam_size; with sample=true, independent samples); returned as 'hypotheses'"),
-    ("return_scores", {"type": "boolean"}, "per-word log-probabilities ('token_scores')"),
-    ("suppress", {"type": "string"}, "space-separated words never generated"),
-    ("disable_unk", {"type": "boolean"}, "never generate <unk>"),
-    ("min_length", {"type": "integer", "minimum": 0}, "<end> is banned until a caption has this many words"),
-    ("repetition_penalty", {"type": "number", "minimum": SCALE_MIN, "maximum": SCALE_MAX},
-     "CTRL penalty on words already generated (1 = off)"),
-    ("no_repeat_ngram_size", {"type": "integer", "minimum": 0}, "no n-gram occurs twice in a caption (0 = off)"),
-    ("prefix", {"type": "string"}, "space-separated words every caption starts with"),
-    ("sample", {"type": "boolean"}, "random sampling instead of beam search (beam_size must be 1)"),
-    ("sampling_topk", {"type": "integer", "minimum": 0}, "sample among the k most likely words (0 = all)"),
-    ("sampling_topp", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "nucleus sampling threshold"),
-    ("sampling_temperature", {"type": "number", "minimum": SCALE_MIN, "maximum": SCALE_MAX}, "sampling temperature"),
-    ("seed", {"type": "integer", "minimum": 0}, "makes sampling reproducible (per image: never depends on the batch)"),
-)
+    """OpenAPI query parameters (form fields of the same names are accepted too): every decoding option
+    from its table, with the model's limits when they are known, and attention."""
+    limits = {"max_beam": max_beam, "max_steps_cap": max_steps}
+    params = [{"name": name, "in": "query", "required": False, "schema": option_json_schema(name, limits),
+               "description": SPECS[name].help} for name in option_names()]
+    params.insert(2, {"name": "attention", "in": "query", "required": False, "schema": {"type": "boolean"},
+                      "description": "return the (T, grid, grid) attention maps"})
+    return params

@@ -16,12 +16,12 @@ from tests.serve.conftest import encode
 from tests.serve.server_process import metric
 
 
-def post(srv, files=None, *, params=None, headers=None, content=None, content_type=None, timeout=60.0):
+def post(srv, files=None, *, params=None, headers=None, content=None, content_type=None, timeout=60.0, data=None):
     headers = dict(headers or {})
     if content_type is not None:
         headers["Content-Type"] = content_type
     return httpx.post(srv.url + "/v1/captions", files=files, params=params, headers=headers, content=content,
-                      timeout=timeout)
+                      timeout=timeout, data=data)
 
 
 def parts(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -193,10 +193,18 @@ def test_415_unsupported_type(server, auth, jpegs):
     ({"beam_size": "11"}, "beam_size"), ({"beam_size": "0"}, "beam_size"), ({"beam_size": "two"}, "beam_size"),
     ({"max_steps": "51"}, "max_steps"), ({"max_steps": "-1"}, "max_steps"), ({"attention": "maybe"}, "attention"),
     ({"length_penalty": "nan"}, "length_penalty"), ({"beam": "3"}, "beam"),
+    # Not ASCII numbers (str.isdigit() accepts the first four, int() or float() the next three): 422, never a 500
+    ({"beam_size": "\u00b2"}, "beam_size"), ({"num_hypotheses": "\u2460"}, "num_hypotheses"),
+    ({"max_steps": "\u00b2"}, "max_steps"), ({"seed": "\u00b2"}, "seed"), ({"beam_size": "\u0663"}, "beam_size"),
+    ({"beam_size": "\uff13"}, "beam_size"), ({"repetition_penalty": "1_0"}, "repetition_penalty"),
+    ({"min_length": "1" * 5000}, "min_length"), ({"seed": "9" * 5000}, "seed"),
 ])
 def test_422_bad_parameters(server, auth, jpegs, params, field):
     r = post(server, parts([jpegs[0]]), params=params, headers=auth)
-    assert r.status_code == 422 and field in r.json()["detail"]
+    assert r.status_code == 422 and field in r.json()["detail"], r.text
+    assert len(r.json()["detail"]) < 400  # a 5,000-digit value is not echoed back whole
+    r = post(server, parts([jpegs[0]]), data=params, headers=auth)  # the same as form fields
+    assert r.status_code == 422 and field in r.json()["detail"], r.text
 
 
 def _raw_request(srv, body: bytes, content_length: int, *, send: int | None = None) -> bytes:
