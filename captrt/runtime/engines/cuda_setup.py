@@ -93,7 +93,7 @@ class CudaSetup:
         return {"onnxruntime_cuda": self.cuda or None, "driver": self.driver, "driver_cuda": self.driver_cuda,
                 "libraries": {s.library.soname: {"source": s.source, "path": s.path, "package": s.library.package}
                               for s in self.libraries},
-                "problem": self.problem()}
+                "problem": self.problem(), "summary": self.summary()}
 
     def summary(self) -> str:
         """One line: the driver, then each library's source."""
