@@ -199,3 +199,12 @@ def test_caption_on_the_cpu_prints_no_onnx_runtime_warnings(varied_model_dir, im
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{image_file}\t")
     assert done.stderr == ""
+
+
+@pytest.mark.skipif(not _no_driver(), reason="an NVIDIA driver is installed: the script then runs for real")
+def test_the_gpu_check_script_says_in_one_line_that_there_is_no_gpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"gpu_check: no usable GPU here: {NO_DRIVER_ADVICE}"]
