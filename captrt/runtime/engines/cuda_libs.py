@@ -172,7 +172,7 @@ def _locate(states: Sequence[LibraryState], pip_dirs: Sequence[Path]) -> None:
     for s in states:
         if s.source != "missing":
             s.path = _loaded_at(s.library, paths)
-            if s.path and any(s.path.startswith(r) for r in roots):
+            if s.source == "system" and s.path and any(s.path.startswith(r) for r in roots):
                 s.source = "pip"
 
 
