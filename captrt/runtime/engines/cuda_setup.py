@@ -111,6 +111,11 @@ def onnxruntime_build() -> tuple[str, str]:
     return str(getattr(info, "__version__", "")), str(getattr(info, "cuda_version", "") or "")
 
 
+def onnxruntime_cuda_major() -> int | None:
+    """The CUDA major version ONNX Runtime was built for, None for a CPU-only build."""
+    return _major(onnxruntime_build()[1])
+
+
 def provider_library(kind: str) -> Path | None:
     """ONNX Runtime's provider library for kind 'cuda' or 'tensorrt' (None when this build has none)."""
     try:

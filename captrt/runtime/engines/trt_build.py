@@ -44,12 +44,13 @@ def install_hint(cuda_major: int | None = None) -> str:
     """What engine 'trt' needs; the wheels for the CUDA major version the rest of the install uses
     (ONNX Runtime's build; 12 when unknown), so TensorRT does not bring a second CUDA."""
     if cuda_major is None:
-        from captrt.runtime.engines.cuda_setup import onnxruntime_build
+        from captrt.runtime.engines.cuda_setup import onnxruntime_cuda_major
 
-        head = onnxruntime_build()[1].split(".")[0]
-        cuda_major = int(head) if head.isdigit() else 12
+        cuda_major = onnxruntime_cuda_major() or 12
     return (f"engine 'trt' needs NVIDIA TensorRT 10 and a CUDA GPU: pip install tensorrt-cu{cuda_major} cuda-python "
             "(from NVIDIA's index), or use --engine ort")
+
+
 _LOGGER: Any = None
 _LOGGER_LOCK = threading.Lock()
 
