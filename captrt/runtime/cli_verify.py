@@ -35,6 +35,7 @@ def verify_command(model_dir: str | os.PathLike, *, engine: str = "ort", device:
         lines = [f"model:     {facts['model']} ({facts['parity_images']} parity images, "
                  f"{'with' if report.references else 'without'} reference captions)",
                  f"engine:    {e.get('engine')} {e.get('precision')} on {e.get('provider')} ({key.get('cpu')}: {flags})",
+                 *([f"cuda:      {e['cuda_libraries']['summary']}"] if e.get("cuda_libraries") else []),
                  f"identical: {report.identical}/{report.images} captions equal fp32's "
                  f"({100 * report.identical_fraction:.1f}%)"]
         if report.references:

@@ -153,7 +153,7 @@ def test_bad_load_arguments(varied_model_dir, kwargs, error, message):
 @pytest.mark.skipif(cuda_usable(), reason="a CUDA driver is present: the GPU path is tested in test_gpu.py")
 @pytest.mark.parametrize("providers", [None, "tensorrt"])
 def test_cuda_without_gpu_is_an_error_not_a_silent_cpu_fallback(varied_model_dir, providers):
-    with pytest.raises(EngineUnavailableError, match="requested (CUDA|Tensorrt)ExecutionProvider.*could only start CPUExecutionProvider"):
+    with pytest.raises(EngineUnavailableError, match=r"device='cuda': no NVIDIA driver on this machine \(libcuda\.so\.1"):
         Captioner.load(varied_model_dir, device="cuda", providers=providers)
 
 

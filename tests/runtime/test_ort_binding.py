@@ -59,6 +59,12 @@ def test_cuda_matches_cpu(varied_model_dir, images):
     cpu = Captioner.load(varied_model_dir)
     cuda = Captioner.load(varied_model_dir, device="cuda")
     assert cuda.provider == "CUDAExecutionProvider"
+    found = cuda.info()["numerics"]["cuda_libraries"]  # what the start-up loaded, and from where
+    assert found["driver"] and found["problem"] is None, found
+    assert {"libcublasLt.so.13", "libcudnn.so.9"} <= set(found["libraries"]) or found["onnxruntime_cuda"] != "13.0"
+    from captrt.runtime.engines.cuda_setup import check
+
+    assert check().startswith("cuda: ready ("), check()
     for beam in (1, 5, 10):
         a = cpu.caption(images, beam_size=beam, batch_size=4)
         b = cuda.caption(images, beam_size=beam, batch_size=4)

@@ -47,6 +47,13 @@ def fake_model_dir(root: Path, *, grid: int = 4, max_beam: int = 6, dims: tuple[
     return ModelDir.load(root)
 
 
+def ort_cuda_major() -> int:
+    """The CUDA major version ONNX Runtime was built for (12 for a CPU-only build, like install_hint)."""
+    from onnxruntime.capi import build_and_package_info as info
+
+    return int((getattr(info, "cuda_version", "") or "12").split(".")[0])
+
+
 def block_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     """Make `import name` fail the way it does when the package is not installed."""
     for name in names:
@@ -72,7 +79,8 @@ def test_without_tensorrt_the_error_says_what_to_install(tmp_path, monkeypatch):
             make()
         msg = str(info.value)
         assert "tensorrt package cannot be imported" in msg
-        assert "pip install tensorrt-cu12 cuda-python" in msg and "--engine ort" in msg
+        assert tb.install_hint() in msg and "--engine ort" in msg
+        assert f"pip install tensorrt-cu{ort_cuda_major()} cuda-python" in msg  # the CUDA the install already has
     assert not (tmp_path / "m" / "cache").exists()  # nothing was built or cached
 
 
@@ -82,6 +90,20 @@ def test_missing_cuda_bindings_are_reported_with_tensorrt(tmp_path, monkeypatch)
     with pytest.raises(EngineUnavailableError, match="CUDA Python bindings cannot be imported") as info:
         TrtEngine(model, device="cuda")
     assert "tensorrt package cannot be imported" in str(info.value)  # every missing piece at once
+
+
+def test_a_missing_driver_is_named_first(tmp_path, monkeypatch):
+    from captrt.runtime.engines.cuda_setup import prepare
+
+    if prepare(tensorrt=True).driver is not None:
+        pytest.skip("an NVIDIA driver is installed here")
+    model = fake_model_dir(tmp_path / "m")
+    block_modules(monkeypatch, "tensorrt")
+    with pytest.raises(EngineUnavailableError) as info:
+        TrtEngine(model, device="cuda")
+    missing = str(info.value).split("missing here: ", 1)[1]
+    assert missing.startswith("no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded); ")
+    assert "cudaGetDeviceCount" not in missing  # the bindings' own error code would say the same, less plainly
 
 
 def test_cpu_device_and_unknown_options_are_refused_before_loading_anything(tmp_path, monkeypatch):

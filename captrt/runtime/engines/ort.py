@@ -196,6 +196,14 @@ class OrtEngine(SessionEngine):
         for name, value in (("max_batch", max_batch), ("opt_batch", opt_batch), ("opt_beam", opt_beam)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        self.cuda_setup = None
+        if kind != "cpu":  # pip's CUDA/cuDNN libraries loaded before ONNX Runtime looks for them
+            from captrt.runtime.engines.cuda_setup import prepare
+
+            self.cuda_setup = prepare(tensorrt=kind == "tensorrt")
+            problem = self.cuda_setup.problem()
+            if problem:
+                raise EngineUnavailableError(f"device='cuda': {problem}")
         trt = tensorrt_options(model, precision, max_batch, opt_batch, opt_beam) if kind == "tensorrt" else None
         encoder = self._session(model, variant, "encoder", so, trt)
         decoder = self._session(model, variant, "decoder_step", so, trt)
@@ -219,21 +227,39 @@ class OrtEngine(SessionEngine):
             providers = [("TensorrtExecutionProvider", {"device_id": self.device_id, **trt[graph]}), cuda] if trt else [cuda]
         path = model.graph_path(variant, graph)
         try:
-            session = ort.InferenceSession(data, sess_options=so, providers=providers)
+            if self.kind == "cpu":
+                session = ort.InferenceSession(data, sess_options=so, providers=providers)
+            else:
+                from captrt.runtime.engines.cuda_setup import quiet_onnxruntime
+
+                with quiet_onnxruntime():  # its multi-line provider warnings would bury our one line
+                    session = ort.InferenceSession(data, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             if self.kind != "cpu":
-                raise EngineUnavailableError(f"{path}: ONNX Runtime could not create a {self.kind} session: {exc}") from None
+                why = self._gpu_problem()
+                raise EngineUnavailableError(f"device='cuda': {why}" if why else
+                                             f"{path}: ONNX Runtime could not create a {self.kind} session: {exc}") from None
             raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
         wanted = _PROVIDER_NAMES[self.kind]
         actual = session.get_providers()[0]
         if actual != wanted:
             # ORT falls back to the CPU with only a log line; running 50x slower unannounced is worse than failing.
+            why = self._gpu_problem()
+            if why:
+                raise EngineUnavailableError(f"device='cuda' requested {wanted}, but ONNX Runtime could only start "
+                                             f"{actual}: {why}")
             raise EngineUnavailableError(
                 f"device='cuda' requested {wanted}, but ONNX Runtime could only start {actual} "
                 f"(available: {', '.join(ort.get_available_providers())}). Check that an NVIDIA GPU and driver are "
                 "present and that CUDA 12/13 + cuDNN 9 libraries (and TensorRT for providers='tensorrt') are installed "
                 "(pip install 'onnxruntime-gpu[cuda,cudnn]'), or use device='cpu'.")
         return session
+
+    def _gpu_problem(self) -> str | None:
+        """Why the GPU provider did not start (the driver, a library, a version), None when not found."""
+        from captrt.runtime.engines.cuda_setup import diagnose
+
+        return diagnose(self.cuda_setup, self.kind) if self.cuda_setup is not None else None
 
     def _check_io(self) -> None:
         def io(session: ort.InferenceSession) -> tuple[list[str], list[str], int | None]:
@@ -281,5 +307,8 @@ class OrtEngine(SessionEngine):
         self.encoder = self.decoder = self._cuda = _Closed()  # type: ignore[assignment]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": self.kind, "io_binding": self._cuda is not None,
-                "intra_op_num_threads": self.threads or os.cpu_count()}
+        facts = {**super().describe(), "providers": self.kind, "io_binding": self._cuda is not None,
+                 "intra_op_num_threads": self.threads or os.cpu_count()}
+        if self.cuda_setup is not None:  # what the GPU runs on: the driver and where each CUDA library came from
+            facts["cuda_libraries"] = self.cuda_setup.facts()
+        return facts

@@ -125,6 +125,9 @@ class TrtEngine(Engine):
         self._device_id = _positive(opts, "device_id")
         workspace = _positive(opts, "workspace_mb") << 20
         self._trt, self._cudart = trt, cudart = tb.load_backend()
+        from captrt.runtime.engines.cuda_setup import prepare
+
+        self.cuda_setup = prepare(tensorrt=True)  # done by load_backend: here for describe()
         self._closed = False
         _cuda(cudart, cudart.cudaSetDevice(self._device_id), f"cudaSetDevice({self._device_id})")
         attr = cudart.cudaDeviceAttr
@@ -435,4 +438,5 @@ class TrtEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "max_batch": self.max_batch, "tensorrt": str(self._trt.__version__),
                 "compute_capability": self.compute_capability, "graphs": self._source, "engines": dict(self.status),
-                "cache_dir": str(self._cache.directory) if self._cache else None}
+                "cache_dir": str(self._cache.directory) if self._cache else None,
+                "cuda_libraries": self.cuda_setup.facts()}

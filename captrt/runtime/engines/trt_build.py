@@ -40,8 +40,17 @@ CACHE_VERSION = 1
 MAX_CONTROL_IDS = 256
 
 
-INSTALL_HINT = ("engine 'trt' needs NVIDIA TensorRT 10 and a CUDA GPU: pip install tensorrt-cu12 cuda-python "
-                "(from NVIDIA's index), or use --engine ort")
+def install_hint(cuda_major: int | None = None) -> str:
+    """What engine 'trt' needs; the wheels for the CUDA major version the rest of the install uses
+    (ONNX Runtime's build; 12 when unknown), so TensorRT does not bring a second CUDA."""
+    if cuda_major is None:
+        from captrt.runtime.engines.cuda_setup import onnxruntime_cuda_major
+
+        cuda_major = onnxruntime_cuda_major() or 12
+    return (f"engine 'trt' needs NVIDIA TensorRT 10 and a CUDA GPU: pip install tensorrt-cu{cuda_major} cuda-python "
+            "(from NVIDIA's index), or use --engine ort")
+
+
 _LOGGER: Any = None
 _LOGGER_LOCK = threading.Lock()
 
@@ -83,8 +92,13 @@ def cuda_device_problem(cudart: Any) -> str | None:
 
 
 def load_backend() -> tuple[Any, Any]:
-    """(tensorrt, cudart) or EngineUnavailableError listing everything that is missing."""
-    problems: list[str] = []
+    """(tensorrt, cudart) or EngineUnavailableError listing everything that is missing, the driver first.
+    pip's CUDA and TensorRT libraries are loaded before the imports that link them (cuda_setup.prepare)."""
+    from captrt.runtime.engines.cuda_libs import NO_DRIVER
+    from captrt.runtime.engines.cuda_setup import prepare
+
+    setup = prepare(tensorrt=True)
+    problems: list[str] = [NO_DRIVER] if setup.driver is None else []
     trt = cudart = None
     try:
         import tensorrt as trt
@@ -98,11 +112,11 @@ def load_backend() -> tuple[Any, Any]:
     except (ImportError, OSError) as exc:
         problems.append(f"the CUDA Python bindings cannot be imported ({exc})")
     else:
-        why = cuda_device_problem(cudart)
+        why = cuda_device_problem(cudart) if setup.driver is not None else None  # no driver: said above
         if why:
             problems.append(why)
     if problems:
-        raise EngineUnavailableError(f"{INSTALL_HINT} (missing here: {'; '.join(problems)})")
+        raise EngineUnavailableError(f"{install_hint()} (missing here: {'; '.join(problems)})")
     return trt, cudart
 
 
