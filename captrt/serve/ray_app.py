@@ -79,6 +79,24 @@ def _fitting(nodes: Sequence[float], cpus: int) -> int:
     return sum(int(n // cpus) for n in nodes)
 
 
+def check_replica_flags(replicas: int | str = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+                        replica_cpus: int | None = None) -> tuple[int | str, int, int | None]:
+    """The flags' own rules, whatever the cluster: -> (replicas or 'auto', minimum, maximum or None)."""
+    replicas = parse_replicas(replicas)
+    if replica_cpus is not None:
+        _count("--replica-cpus", replica_cpus)
+    if replicas != "auto":
+        for flag, value in (("--min-replicas", min_replicas), ("--max-replicas", max_replicas)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --replicas auto only (got --replicas {replicas})")
+        return replicas, replicas, replicas
+    low = 1 if min_replicas is None else _count("--min-replicas", min_replicas)
+    high = None if max_replicas is None else _count("--max-replicas", max_replicas)
+    if high is not None and high < low:
+        raise ValueError(f"--max-replicas ({high}) must be at least --min-replicas ({low})")
+    return replicas, low, high
+
+
 def plan_replicas(config: ServeConfig, replicas: int | str = 1, *, min_replicas: int | None = None,
                   max_replicas: int | None = None, replica_cpus: int | None = None,
                   nodes: Sequence[float] | None = None, gpus: float | None = None) -> ReplicaPlan:
@@ -92,19 +110,7 @@ def plan_replicas(config: ServeConfig, replicas: int | str = 1, *, min_replicas:
     gpus: the cluster's GPUs, checked for CUDA engines (one GPU per replica)."""
     from captrt.runtime.streams import usable_cores
 
-    replicas = parse_replicas(replicas)
-    if replicas != "auto":
-        for flag, value in (("--min-replicas", min_replicas), ("--max-replicas", max_replicas)):
-            if value is not None:
-                raise ValueError(f"{flag} applies to --replicas auto only (got --replicas {replicas})")
-        low = high = replicas
-    else:
-        low = 1 if min_replicas is None else _count("--min-replicas", min_replicas)
-        high = None if max_replicas is None else _count("--max-replicas", max_replicas)
-        if high is not None and high < low:
-            raise ValueError(f"--max-replicas ({high}) must be at least --min-replicas ({low})")
-    if replica_cpus is not None:
-        _count("--replica-cpus", replica_cpus)
+    replicas, low, high = check_replica_flags(replicas, min_replicas, max_replicas, replica_cpus)
     room = list(nodes) if nodes is not None else [float(usable_cores())]
     if replica_cpus is not None:
         cpus = replica_cpus
