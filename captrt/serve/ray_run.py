@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from captrt.serve.config import ServeConfig
-from captrt.serve.ray_app import (APP_NAME, RAY_EXTRA, check_replica_flags, import_serve, plan_replicas, ray_app,
+from captrt.serve.ray_app import (APP_NAME, check_replica_flags, import_serve, plan_replicas, ray_app,
                                   replica_config)
 
 EXIT_OK, EXIT_DEPLOY_FAILED = 0, 1
@@ -77,6 +77,9 @@ def serve_on_ray(config: ServeConfig, address: str = "local", *, replicas: int |
         nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         gpus = ray.cluster_resources().get("GPU", 0.0)
         plan = plan_replicas(config, nodes=nodes, gpus=gpus, **flags)
+        # A cluster whose Serve already runs keeps its HTTP options (Serve says so): say where we listen.
+        where = ("on the cluster's running Serve proxies (their own host and port)" if serve.status().proxies
+                 else f"on http://{config.host}:{config.port}")
         serve.start(http_options={"host": config.host, "port": config.port})
         deployed = True
         try:
@@ -85,7 +88,7 @@ def serve_on_ray(config: ServeConfig, address: str = "local", *, replicas: int |
             print(f"captrt serve: error: the Ray Serve deployment failed: {_why(serve, exc)}", file=sys.stderr)
             return EXIT_DEPLOY_FAILED
         starting[0] = False
-        log.info("captrt serve: listening on http://%s:%d (Ray Serve, %s)", config.host, config.port, plan.describe())
+        log.info("captrt serve: listening %s (Ray Serve, %s)", where, plan.describe())
         while not stopping.wait(1.0):
             pass
         return EXIT_OK
@@ -158,5 +161,3 @@ def _configure_logging(level: str) -> None:
     # Serve's own INFO lines ("connecting to existing Serve app ...") say nothing to a `captrt serve` user.
     logging.getLogger("ray.serve").setLevel(logging.DEBUG if level.lower() in ("debug", "trace") else logging.WARNING)
 
-
-__all__ = ["serve_on_ray", "RAY_EXTRA"]

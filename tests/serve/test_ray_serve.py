@@ -6,7 +6,9 @@ through Serve's HTTP proxy with Captioner's captions and survive the loss of one
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -25,6 +27,9 @@ from tests.serve.server_process import ServerProcess, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
+# Serve 2.60's metrics_interval_s (10 s) no longer sets how often metrics are pushed, but it still warns
+# whenever the autoscaling test's short look-back is read back (serve.status included).
+pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 
 
 def replica_pids() -> dict[int, int]:
@@ -107,6 +112,36 @@ def test_sigterm_stops_the_deployment_and_the_ray_it_started(serve_model_dir, jp
         code = srv.stop()
     assert code == 0 and not srv.killed, srv.log_text()[-2000:]
     wait_for("no process of its Ray left", lambda: not marked_processes(mark), 20)
+
+
+@pytest.fixture(scope="module")
+def altered_model(serve_model_dir, tmp_path_factory) -> Path:
+    """The model with its decoder graph altered after export: it passes the up-front checks (the
+    manifest is fine) and fails to load where the engine opens it (sha256 mismatch)."""
+    bad = tmp_path_factory.mktemp("altered") / "model"
+    shutil.copytree(serve_model_dir, bad)
+    graph = bad / json.loads((bad / "captrt.json").read_text())["graphs"]["fp32"]["decoder_step"]["file"]
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    return bad
+
+
+def test_health_check_waits_for_the_model_then_reports_readiness(serve_model_dir, altered_model):
+    """A replica's check_health (no Ray needed to call it): returns once the model is loaded and warmed;
+    with a model that fails to load, it raises with /readyz's reason."""
+    import asyncio
+
+    from captrt.serve.ray_app import CaptionReplica
+
+    async def check(model: Path) -> None:
+        replica = CaptionReplica(ServeConfig(model=model, threads=1, log_level="warning"))
+        app = replica.__serve_build_asgi_app__()
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(replica.check_health(), 60)
+            assert app.state.captrt.ready
+
+    asyncio.run(check(serve_model_dir))
+    with pytest.raises(RuntimeError, match=r"GET /readyz answered 503: .*model failed to load.*sha256"):
+        asyncio.run(check(altered_model))
 
 
 def test_bad_values_exit_2_before_anything_starts(serve_model_dir, monkeypatch):
@@ -254,3 +289,13 @@ def test_a_cluster_too_small_for_the_replicas_is_refused(cluster, serve_model_di
               "--replicas", "2", "--replica-cpus", "2")
     assert_one_line_exit_2(res, "--replicas 2 x --replica-cpus 2 does not fit the Ray cluster (nodes with 1, 1 CPUs")
     assert ray.is_initialized() and (serve.status().applications.get("captrt") is None) == (before is None)
+
+
+def test_replicas_whose_model_fails_to_load_fail_the_deployment(cluster, altered_model):
+    """Joining the cluster with a model whose engine cannot load: no replica passes its first health
+    check, so none is routed to; Serve retries, gives up, and the command exits 1 with the reason,
+    leaving no application behind."""
+    res = cli("--model", str(altered_model), "--port", str(free_port()), "--ray", cluster.address, "--replicas", "1")
+    assert res.exit_code == 1, res.output
+    assert "the Ray Serve deployment failed" in res.output and "sha256" in res.output, res.output
+    assert "captrt" not in serve.status().applications
