@@ -262,17 +262,25 @@ def build(args: dict) -> Any:
     """Serve application builder, for `serve run captrt.serve.ray_app:build model=/models/coco` and the
     `import_path` of a Serve config file (KubeRay's RayService): `args` holds ServeConfig fields
     (model, max_batch, ...) plus replicas, min_replicas, max_replicas, replica_cpus,
-    max_ongoing_requests; values may be strings, as the command line gives them."""
+    max_ongoing_requests and autoscaling (a dict of Serve autoscaling_config keys)."""
+    config, options = from_args(args)
+    return ray_app(config, **options)
+
+
+def from_args(args: Mapping[str, Any]) -> tuple[ServeConfig, dict[str, Any]]:
+    """A builder's args -> (ServeConfig, ray_app's keyword arguments). Values may be strings, as
+    `serve run ... key=value` gives them; ValueError names an unknown or malformed argument."""
     args = dict(args)
     unknown = sorted(set(args) - {f.name for f in fields(ServeConfig)} - set(PLAN_ARGS) - {"autoscaling"})
     if unknown:
         raise ValueError(f"unknown captrt argument(s): {', '.join(unknown)}")
     if "model" not in args:
         raise ValueError("captrt needs the model argument (a `captrt export` model directory)")
-    plan = {k: _plain(args.pop(k)) for k in PLAN_ARGS if k in args and args[k] is not None}
-    autoscaling = args.pop("autoscaling", None)
-    config = ServeConfig(**{k: _as_field(k, v) for k, v in args.items()})
-    return ray_app(config, autoscaling=autoscaling, **plan)
+    options: dict[str, Any] = {k: _plain(args.pop(k)) for k in PLAN_ARGS if args.get(k) is not None}
+    if args.get("autoscaling") is not None:
+        options["autoscaling"] = dict(args.pop("autoscaling"))
+    args.pop("autoscaling", None)
+    return ServeConfig(**{k: _as_field(k, v) for k, v in args.items()}), options
 
 
 def _plain(value: Any) -> Any:
@@ -296,5 +304,8 @@ def _as_field(name: str, value: Any) -> Any:
                                             "streams"):
         return _plain(value)
     if isinstance(default, float):
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
     return value

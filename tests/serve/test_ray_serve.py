@@ -6,8 +6,10 @@ through Serve's HTTP proxy with Captioner's captions and survive the loss of one
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -144,6 +146,23 @@ def test_health_check_waits_for_the_model_then_reports_readiness(serve_model_dir
         asyncio.run(check(altered_model))
 
 
+def test_builder_arguments_become_the_service_config(serve_model_dir):
+    """`serve run captrt.serve.ray_app:build key=value ...` gives strings: they take the field's type;
+    an unknown or malformed argument is named."""
+    from captrt.serve.ray_app import from_args
+
+    config, options = from_args({"model": str(serve_model_dir), "max_batch": "8", "max_wait_ms": "2.5",
+                                 "ui": "false", "streams": "auto", "replicas": "2", "replica_cpus": "1"})
+    assert (config.model, config.max_batch, config.max_wait_ms, config.ui, config.streams) == \
+        (serve_model_dir, 8, 2.5, False, "auto")
+    assert options == {"replicas": 2, "replica_cpus": 1}
+    for args, needle in (({"model": "m", "max_batchs": "8"}, "unknown captrt argument(s): max_batchs"),
+                         ({"max_batch": "8"}, "needs the model argument"),
+                         ({"model": "m", "ui": "maybe"}, "ui: expected true or false")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            from_args(args)
+
+
 def test_bad_values_exit_2_before_anything_starts(serve_model_dir, monkeypatch):
     """One line, exit 2, before Ray starts: a replica count below 1, more replicas than this machine's
     cores hold, replica flags without --ray, and --ray without Ray Serve installed (its import made to fail)."""
@@ -181,10 +200,26 @@ def cluster():
         c.shutdown()
 
 
+def documented_serve_config() -> dict:
+    """The Serve config file of docs/ray-serve.md (its first YAML block)."""
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ray-serve.md").read_text()
+    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+
+
 @pytest.fixture(scope="module")
 def two_replicas(cluster, serve_model_dir):
-    config = ServeConfig(model=serve_model_dir, max_batch=4, max_wait_ms=10, log_level="warning")
-    serve.run(ray_app(config, replicas=2, nodes=cluster.nodes), name="captrt", route_prefix="/")
+    """The documented Serve config file (validated as Serve reads it, its builder imported by its
+    import_path) with the test's model and sizes: 2 replicas of 1 CPU, batches of 4."""
+    from ray.serve.schema import ServeDeploySchema
+
+    [app] = ServeDeploySchema.model_validate(documented_serve_config()).applications
+    module, name = app.import_path.split(":")
+    builder = getattr(importlib.import_module(module), name)
+    args = {**app.args, "model": str(serve_model_dir), "replicas": 2, "replica_cpus": 1, "max_batch": 4,
+            "max_wait_ms": 10, "log_level": "warning"}
+    serve.run(builder(args), name=app.name, route_prefix=app.route_prefix)
     return cluster
 
 
