@@ -240,7 +240,13 @@ def projection(report: dict[str, Any]) -> list[str]:
         f"Per node: compute allows {cores} x 1000 / ({rep:.1f} + {proxy:.2f}) = {node_compute:.0f} images/s; one "
         f"proxy process (asyncio, about one core) allows 1000 / {proxy:.2f} = {node_proxy:.0f} requests/s, so a "
         f"node would give about {node:.0f} images/s and the cluster about {nodes * node:.0f} images/s "
-        f"(one image per request; a request of several images costs the proxy the same).",
+        f"(one image per request; requests of several images, up to --max-images, spread the proxy's "
+        f"per-request cost). For comparison, plain `captrt serve`, one process per {cores}-core node "
+        f"behind a load balancer: {cores} x 1000 / {own:.1f} = {cores * 1e3 / own:.0f} images/s "
+        f"per node, {nodes * cores * 1e3 / own:.0f} for the cluster, with no proxy hop but also nothing placed, "
+        "scaled, health-checked or replaced for you. With one image per request of this small model, Serve's "
+        "proxy, not the engine, would bound a 32-core node; a larger model's CPU per image grows while the "
+        "proxy's per request does not, so the bound moves back to the engine.",
         f"Layout: replicas x streams x threads = the node's cores, e.g. 4 replicas x 8 CPUs "
         f"(`--replicas {nodes * 4} --replica-cpus 8 --streams auto`: 8 streams of 1 thread, the streams rule), "
         f"or 1 replica x 32 CPUs per node; more replicas cost memory ({rss:.0f} MB resident per replica here, "
@@ -324,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=sb.parse_list, default=[1, 8, 32])
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--json", type=Path, help="also write the full report here")
+    ap.add_argument("--render", type=Path, help="no measuring: write the section of a report saved with --json")
     args = ap.parse_args(argv)
-    from captrt.atomic import atomic_write_text
     from captrt.bench.machine import machine_info
-    from captrt.bench.sections import replace_section
 
+    if args.render is not None:
+        return write(args.results, section(json.loads(args.render.read_text(encoding="utf-8"))))
     model = args.model or bench_model(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                       / "captrt" / "bench-rayserve")
     settings = SETTINGS["quick" if args.quick else "full"]
@@ -363,13 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers.values():
                 s.wait_exit(60)
     report["servers"] = {n: {"cmd": s.cmd, "exit_code": s.exit_code} for n, s in servers.items()}
-    text = section(report)
-    print(text)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    old = args.results.read_text(encoding="utf-8") if args.results.exists() else ""
-    atomic_write_text(args.results, replace_section(old, text, BEGIN, END))
-    log(f"[ray-serve bench] wrote the Ray Serve section of {args.results}")
+    return write(args.results, section(report))
+
+
+def write(results: Path, text: str) -> int:
+    from captrt.atomic import atomic_write_text
+    from captrt.bench.sections import replace_section
+
+    print(text)
+    old = results.read_text(encoding="utf-8") if results.exists() else ""
+    atomic_write_text(results, replace_section(old, text, BEGIN, END))
+    log(f"[ray-serve bench] wrote the Ray Serve section of {results}")
     return 0
 
 
