@@ -25,7 +25,8 @@ import pytest
 from captrt.runtime import Captioner
 from captrt.runtime.streams import usable_cores
 from captrt.serve import ServeConfig, ray_app
-from tests.serve.server_process import ServerProcess, free_port
+from captrt.bench.serve_process import ServeProcess
+from tests.serve.server_process import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -101,12 +102,12 @@ def test_sigterm_stops_the_deployment_and_the_ray_it_started(serve_model_dir, jp
     """`captrt serve --ray` starts Ray here, serves through Serve's proxy; SIGTERM: exit 0, and no process
     of that Ray (GCS, raylet, Serve's controller and proxy, the replica) is left."""
     mark = f"sigterm-{os.getpid()}"
-    srv = ServerProcess(serve_model_dir, "--ray", "--replicas", "1", "--log-level", "info", log=tmp_path / "log",
-                        env={"CAPTRT_TEST_MARK": mark})
+    srv = ServeProcess(serve_model_dir, "--ray", "--replicas", "1", "--replica-cpus", "1", "--log-level", "info",
+                       log=tmp_path / "log", env={"CAPTRT_TEST_MARK": mark})
     try:
         srv.wait_ready()
         wait_for("the listening line", lambda: "listening on" in srv.log_text(), 60)
-        assert "Ray Serve, 1 replica x 2 CPUs (1 stream x 2 threads)" in srv.log_text()
+        assert "(Ray Serve, 1 replica x 1 CPU (1 stream x 1 thread))" in srv.log_text()
         assert len(marked_processes(mark)) > 3  # the CLI, GCS, raylet, controller, proxy, replica...
         r = caption(srv.url, jpegs[0])
         assert r.status_code == 200, r.text
