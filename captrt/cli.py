@@ -319,7 +319,10 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
         _fail(exc)
 
 
-@app.command()
+_RS = "Ray Serve (docs/ray-serve.md)"
+
+
+@app.command(cls=_RayOptionCommand)
 def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
           engine: str = typer.Option("ort", "--engine", help="ort | openvino | trt | torch"),
           device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the engine's)"),
@@ -344,7 +347,18 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           access_log: bool = typer.Option(False, "--access-log", help="log one line per request"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="the web page on / (--no-ui: API only, / is 404)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
-                                                help="serve a precision that has not met the quality budget here")):
+                                                help="serve a precision that has not met the quality budget here"),
+          ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]", rich_help_panel=_RS,
+                                            help="deploy on Ray Serve: alone starts Ray on this machine; auto or "
+                                                 "HOST:PORT joins a running cluster"),
+          replicas: Optional[str] = typer.Option(None, "--replicas", rich_help_panel=_RS,
+                                                 help="replicas (default 1), or auto: Serve autoscaling on ongoing requests"),
+          min_replicas: Optional[int] = typer.Option(None, "--min-replicas", rich_help_panel=_RS, help="--replicas auto: at least (default 1)"),
+          max_replicas: Optional[int] = typer.Option(None, "--max-replicas", rich_help_panel=_RS,
+                                                     help="--replicas auto: at most (default: what the cluster holds)"),
+          replica_cpus: Optional[int] = typer.Option(None, "--replica-cpus", rich_help_panel=_RS,
+                                                     help="CPUs of each replica = its streams x threads (default: the "
+                                                          "usable cores // replicas)")):
     """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
@@ -359,8 +373,17 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
                          log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)
+    ray_flags = {"replicas": replicas or 1, "min_replicas": min_replicas, "max_replicas": max_replicas,
+                 "replica_cpus": replica_cpus}
+    if ray is None and (replicas, min_replicas, max_replicas, replica_cpus) != (None,) * 4:
+        _fail(ValueError("--replicas, --min-replicas, --max-replicas and --replica-cpus need --ray"))
     try:
-        code = run_service(config)
+        if ray is not None:
+            from captrt.serve.ray_run import serve_on_ray
+
+            code = serve_on_ray(config, ray, **ray_flags)
+        else:
+            code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
         _fail(exc)
     raise typer.Exit(code)

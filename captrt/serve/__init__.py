@@ -3,6 +3,7 @@
     from captrt.serve import ServeConfig, create_app, serve
     serve(ServeConfig(model=Path("model_dir"), max_batch=16))      # what `captrt serve` does
     app = create_app(ServeConfig(model=Path("model_dir")))          # or run the ASGI app yourself
+    app = ray_app(ServeConfig(model=Path("model_dir")), replicas=2)  # a Ray Serve application (serve.run)
 
 Built on the runtime's public API only (`captrt.runtime`: Captioner.load / read_image / caption /
 info / warmup, ModelDir, the image errors);
@@ -10,8 +11,10 @@ imports no torch unless engine='torch' is asked for.
 """
 
 from captrt.serve.config import ServeConfig
+# Bound here, after its module loads, so `captrt.serve.ray_app` is the function (the module imports no Ray).
+from captrt.serve.ray_app import ray_app
 
-__all__ = ["ServeConfig", "create_app", "serve"]
+__all__ = ["ServeConfig", "create_app", "ray_app", "serve"]
 
 
 def __getattr__(name: str):  # fastapi/uvicorn load on first use: `captrt --help` stays fast
