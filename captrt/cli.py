@@ -381,8 +381,11 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           access_log: bool = typer.Option(False, "--access-log", help="log one line per request"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="the web page on / (--no-ui: API only, / is 404)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
-                                                help="serve a precision that has not met the quality budget here")):
-    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
+                                                help="serve a precision that has not met the quality budget here"),
+          model_name: Optional[str] = typer.Option(None, "--model-name", help="the model's name on /v2 (default: "
+                                                                              "the model directory's name)")):
+    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics, and the Open Inference
+    Protocol on /v2 (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
         from captrt.serve.server import serve as run_service
@@ -395,7 +398,8 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)
+                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui,
+                         model_name=model_name)
     try:
         code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
