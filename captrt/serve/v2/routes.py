@@ -14,10 +14,11 @@ queue is full, 504 past --timeout-s.
 
 from __future__ import annotations
 
+import inspect
 import zlib
-from typing import Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from captrt.runtime import ModelDir
@@ -68,18 +69,23 @@ def v2_router(state: ServiceState, *, check_key: Callable[[Request], None], not_
         return JSONResponse({"ready": True})
 
     async def metadata(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        """The model's metadata: name, versions, platform, and each input and output with its datatype,
+        shape (-1: variable) and what it holds."""
         model_route(request, name, version)
         if not state.ready:
             raise not_ready()
         return JSONResponse(model_metadata(identity, state.info))
 
     async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        """The model is loaded and warmed (503 with Retry-After while it loads)."""
         model_route(request, name, version)
         if not state.ready:
             raise not_ready()
         return JSONResponse({"name": identity.name, "ready": True})
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        """Caption the images of the BYTES input 'image' (JSON tensors with base64 files, or binary tensors
+        after the JSON); decoding options as request parameters; the outputs asked for (all by default)."""
         model_route(request, name, version)
         if not state.ready:
             raise not_ready()
@@ -89,7 +95,7 @@ def v2_router(state: ServiceState, *, check_key: Callable[[Request], None], not_
             method: str = "GET", **extra: Any) -> None:
         for versioned in (False, True) if "{name}" in path else (False,):
             route = path.replace("{name}", "{name}/versions/{version}") if versioned else path
-            router.add_api_route(route, _bind(endpoint, versioned), methods=[method], summary=summary,
+            router.add_api_route(route, _bind(endpoint, identity, versioned), methods=[method], summary=summary,
                                  name=f"{endpoint.__name__}{'_version' if versioned else ''}",
                                  responses=responses, **extra)
 
@@ -104,19 +110,27 @@ def v2_router(state: ServiceState, *, check_key: Callable[[Request], None], not_
     return router
 
 
-def _bind(endpoint: Callable[..., Awaitable[Response]], versioned: bool) -> Callable[..., Awaitable[Response]]:
-    """A handler whose signature FastAPI reads: name (and version) from the path."""
-    if versioned:
-        async def with_version(request: Request, name: str, version: str) -> Response:
-            return await endpoint(request, name, version)
-        handler = with_version
-    elif endpoint.__code__.co_argcount > 1:
-        async def without_version(request: Request, name: str) -> Response:
-            return await endpoint(request, name)
-        handler = without_version
-    else:
+def _bind(endpoint: Callable[..., Awaitable[Response]], identity: ModelIdentity,
+          versioned: bool) -> Callable[..., Awaitable[Response]]:
+    """The handler FastAPI reads: name (and version) from the path, documented as the one model served
+    (an enum of one), so clients and schema-driven tools reach the model rather than a 404."""
+    if endpoint.__code__.co_argcount == 1:
         return endpoint
+
+    async def handler(request: Request, **path: str) -> Response:
+        return await endpoint(request, path["name"], path.get("version"))
+
+    def param(name: str, value: str | None, what: str) -> inspect.Parameter:
+        schema = Path(description=what, json_schema_extra={"enum": [value]} if value else None)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, schema])
+
+    params = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+              param("name", identity.name, "the model's name (--model-name)")]
+    if versioned:
+        params.append(param("version", identity.version, "the model's version: the hash part of its /v1 id"))
+    handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     handler.__doc__ = endpoint.__doc__
+    handler.__name__ = endpoint.__name__
     return handler
 
 
