@@ -4,6 +4,8 @@
     serve(ServeConfig(model=Path("model_dir"), max_batch=16))      # what `captrt serve` does
     app = create_app(ServeConfig(model=Path("model_dir")))          # or run the ASGI app yourself
 
+/v1/captions is the service's own API; /v2 speaks the Open Inference Protocol (KServe v2 REST with
+binary tensors: captrt.serve.v2, docs/open-inference-protocol.md) over the same batcher and limits.
 Built on the runtime's public API only (`captrt.runtime`: Captioner.load / read_image / caption /
 info / warmup, ModelDir, the image errors);
 imports no torch unless engine='torch' is asked for.

@@ -266,6 +266,9 @@ def _json_request(**changes) -> dict:
     (lambda j: _binary_request([j, j], shape=3), "shape [3] says 3"),
     (lambda j: _binary_request([j], cut=10, size_delta=0), "remain in its binary_data_size"),
     (lambda j: _binary_request([j], datatype="UINT8"), "datatype must be BYTES"),
+    (lambda j: (b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES"}]}' + j,
+                {HEADER: "66", **key()}), "no 'data' and no binary_data_size"),
+    (lambda j: _json_request(parameters={"shared_memory_region": "r"}), "shared_memory_region not supported"),
     (lambda j: (b"{not json", key()), "must be a JSON inference request"),
     (lambda j: (b"", key()), "must be a JSON inference request"),
     (lambda j: (b"\x1f\x8b garbage", {**key(), "Content-Encoding": "gzip"}), "not valid gzip"),
@@ -278,6 +281,18 @@ def test_a_malformed_body_is_400_naming_the_problem(server, jpegs, make, needle)
         r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=made[0], headers=made[1], timeout=30)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"], r.json()
+
+
+def test_one_image_file_right_after_the_json(server, library, jpegs):
+    """OpenVINO Model Server's short form (what curl can send): one input of one image and no
+    binary_data_size: the whole body after the JSON is the file. Clients' null fields read as absent."""
+    head = json.dumps({"id": None, "parameters": {"content_type": "base64"}, "outputs": None,
+                       "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": None}]})
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=head.encode() + jpegs[4], timeout=60,
+                   headers={HEADER: str(len(head)), "Content-Type": "application/octet-stream", **key()})
+    assert r.status_code == 200, r.text
+    [e] = library.caption(jpegs[4])
+    assert {o["name"]: o["data"] for o in r.json()["outputs"]}["caption"] == [e.text]
 
 
 def test_limits_and_compression(server, jpegs):

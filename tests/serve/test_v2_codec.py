@@ -4,7 +4,6 @@ parameter values in /v1's text form, route labels, and the loading state of an i
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 

@@ -13,7 +13,7 @@ from captrt.serve.v2.tensors import HEADER_LENGTH
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 _VALUE = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
-_PARAMETERS = {"type": "object", "additionalProperties": {
+_PARAMETERS = {"type": ["object", "null"], "additionalProperties": {
     "anyOf": [*_VALUE["anyOf"], {"type": "array", "items": {"type": "string"}}]},
     "description": "decoding options with the library's names (beam_size, num_hypotheses, return_scores, "
                    "suppress, ..., seed, max_steps, length_penalty, attention), as /v1 takes them; and "
@@ -25,19 +25,20 @@ _SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 INFER_REQUEST = {
     "type": "object", "required": ["inputs"],
     "properties": {
-        "id": {"type": "string"},
+        "id": {"type": ["string", "null"]},  # null reads as absent, as clients that serialize unset fields send it
         "parameters": _PARAMETERS,
         "inputs": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["name", "shape", "datatype"],
             "properties": {"name": {"type": "string"}, "shape": _SHAPE, "datatype": {"type": "string"},
-                           "parameters": {"type": "object", "additionalProperties": False, "properties": {
-                               "binary_data_size": {"type": "integer", "minimum": 0}}},
+                           "parameters": {"type": ["object", "null"], "additionalProperties": False, "properties": {
+                               "binary_data_size": {"type": ["integer", "null"], "minimum": 0},
+                               "content_type": {}}},
                            "data": _DATA}}},
-        "outputs": {"type": "array", "items": {
+        "outputs": {"type": ["array", "null"], "items": {
             "type": "object", "required": ["name"],
             "properties": {"name": {"type": "string"},
-                           "parameters": {"type": "object", "additionalProperties": False, "properties": {
-                               "binary_data": {"type": "boolean"}}}}}},
+                           "parameters": {"type": ["object", "null"], "additionalProperties": False, "properties": {
+                               "binary_data": {"type": ["boolean", "null"]}}}}}},
     },
 }
 _TENSOR = {"type": "object", "required": ["name", "datatype", "shape"],

@@ -25,6 +25,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Parameters that belong to the protocol, not to the model: binary_data_output (every output binary);
+# content_type, MLServer's codec hint (its 'base64' is what JSON BYTES inputs are here), is accepted and unused.
+REQUEST_PROTOCOL_PARAMS = ("binary_data_output", "content_type")
+INPUT_PARAMS = ("binary_data_size", "content_type")
 # Little-endian numpy types of the datatypes this service sends; BYTES is built by hand.
 NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8", "BOOL": "u1"}
 _LENGTH = struct.Struct("<I")
@@ -98,7 +102,9 @@ def parse_request(body: bytes, header_length: str | None, inputs: dict[str, str]
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"id must be a string, got {_kind(request_id)}")
     parameters = _parameters(doc.get("parameters"), "parameters")
-    binary_output = parameters.pop("binary_data_output", False)
+    binary_output = parameters.get("binary_data_output", False)
+    for name in REQUEST_PROTOCOL_PARAMS:
+        parameters.pop(name, None)
     if not isinstance(binary_output, bool):
         raise ProtocolError(f"parameters.binary_data_output must be true or false, got {binary_output!r}")
     entries = doc.get("inputs")
@@ -114,7 +120,7 @@ def parse_request(body: bytes, header_length: str | None, inputs: dict[str, str]
             raise ProtocolError(f"unknown input {name!r}; the model's inputs: {', '.join(inputs)}")
         if name in found:
             raise ProtocolError(f"input {name!r} is given more than once")
-        found[name], offset = _input(entry, inputs[name], binary, offset, max_elements)
+        found[name], offset = _input(entry, inputs[name], binary, offset, max_elements, sole=len(entries) == 1)
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data after the last input's "
                             "binary_data_size (the sizes must add up to the body after the JSON)")
@@ -124,9 +130,11 @@ def parse_request(body: bytes, header_length: str | None, inputs: dict[str, str]
     return InferRequest(request_id, parameters, found, _outputs(doc.get("outputs")), binary_output)
 
 
-def _input(entry: dict[str, Any], datatype: str, binary: memoryview, offset: int,
-           max_elements: int) -> tuple[list[bytes], int]:
-    """(elements, binary offset after this input) of one input entry."""
+def _input(entry: dict[str, Any], datatype: str, binary: memoryview, offset: int, max_elements: int, *,
+           sole: bool) -> tuple[list[bytes], int]:
+    """(elements, binary offset after this input) of one input entry. sole: the request's only input,
+    which may omit binary_data_size when it holds one image: then the whole binary part is that image
+    file, as OpenVINO Model Server reads it (no length prefix)."""
     name = entry["name"]
     what = f"input {name!r}"
     given = entry.get("datatype")
@@ -142,14 +150,17 @@ def _input(entry: dict[str, Any], datatype: str, binary: memoryview, offset: int
         raise ProtocolError(f"{what}: {count} images in one request, more than the service's --max-images "
                             f"({max_elements}); split it", status=413)
     params = _parameters(entry.get("parameters"), f"{what} parameters")
-    unknown = sorted(set(params) - {"binary_data_size"})
+    unknown = sorted(set(params) - set(INPUT_PARAMS))
     if unknown:
-        raise ProtocolError(f"{what}: parameter(s) {', '.join(unknown)} not supported (only binary_data_size)")
+        raise ProtocolError(f"{what}: parameter(s) {', '.join(unknown)} not supported ({', '.join(INPUT_PARAMS)} are)")
     size = params.get("binary_data_size")
     if size is None:
-        if "data" not in entry:
+        if "data" in entry:
+            elements = [_base64(what, i, x) for i, x in enumerate(_flatten(what, entry["data"]))]
+        elif sole and count == 1 and offset < len(binary):
+            elements, offset = [bytes(binary[offset:])], len(binary)
+        else:
             raise ProtocolError(f"{what}: no 'data' and no binary_data_size parameter")
-        elements = [_base64(what, i, x) for i, x in enumerate(_flatten(what, entry["data"]))]
     else:
         if "data" in entry:
             raise ProtocolError(f"{what}: both 'data' and binary_data_size are given; send one")
