@@ -5,7 +5,8 @@
 
 The model loads and warms on a thread after start-up, so /healthz answers at once and /readyz turns
 200 when captions can be served. Caption requests: body read under a cap -> images decoded on a
-thread pool -> queued for the Batcher -> one batched beam search -> JSON.
+thread pool -> queued for the Batcher -> one batched beam search -> JSON (captrt.serve.pipeline, shared
+with the Open Inference Protocol's /v2 routes of captrt.serve.v2).
 """
 
 from __future__ import annotations

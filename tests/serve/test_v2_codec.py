@@ -116,3 +116,19 @@ def test_loading_state_and_one_parser(serve_model_dir):
             with pytest.raises(ServeError) as err:
                 decode_params(state, {"min_length": -1})
             assert err.value.status == 400 and "min_length" in err.value.detail
+
+
+def test_model_name_flag(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from captrt.cli import app
+    from captrt.serve import ServeConfig
+
+    for bad in ("", "a/b", "-x", "x" * 129, "caption model"):
+        with pytest.raises(ValueError, match="--model-name"):
+            ServeConfig(model=tmp_path, model_name=bad).validate()
+    seen: list = []
+    monkeypatch.setattr("captrt.serve.server.serve", lambda config: seen.append(config) or 0)
+    res = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--model-name", "captions.v1"])
+    assert res.exit_code == 0, res.output
+    assert seen[0].model_name == "captions.v1"
