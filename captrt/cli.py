@@ -348,6 +348,8 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           ui: bool = typer.Option(True, "--ui/--no-ui", help="the web page on / (--no-ui: API only, / is 404)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                                 help="serve a precision that has not met the quality budget here"),
+          model_name: Optional[str] = typer.Option(None, "--model-name", help="the model's name on /v2 (default: "
+                                                                              "the model directory's name)"),
           ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]", rich_help_panel=_RS,
                                             help="deploy on Ray Serve: alone starts Ray on this machine; auto or "
                                                  "HOST:PORT joins a running cluster"),
@@ -359,7 +361,8 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           replica_cpus: Optional[int] = typer.Option(None, "--replica-cpus", rich_help_panel=_RS,
                                                      help="CPUs of each replica = its streams x threads (default: the "
                                                           "usable cores // replicas)")):
-    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
+    """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics, and the Open Inference
+    Protocol on /v2 (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
         from captrt.serve.server import serve as run_service
@@ -372,7 +375,8 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)
+                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui,
+                         model_name=model_name)
     ray_flags = {"replicas": replicas or 1, "min_replicas": min_replicas, "max_replicas": max_replicas,
                  "replica_cpus": replica_cpus}
     if ray is None and (replicas, min_replicas, max_replicas, replica_cpus) != (None,) * 4:

@@ -5,7 +5,8 @@
 `benchmarks/precisions.py` between ``<!-- precisions:begin -->`` and ``<!-- precisions:end -->``,
 `benchmarks/decoding.py` between ``<!-- decoding:begin -->`` and ``<!-- decoding:end -->``,
 `benchmarks/streams.py` between ``<!-- streams:begin -->`` and ``<!-- streams:end -->``,
-`benchmarks/ray_serve.py` between ``<!-- rayserve:begin -->`` and ``<!-- rayserve:end -->``;
+`benchmarks/ray_serve.py` between ``<!-- rayserve:begin -->`` and ``<!-- rayserve:end -->``,
+`benchmarks/protocols.py` between ``<!-- protocols:begin -->`` and ``<!-- protocols:end -->``;
 `benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
@@ -25,10 +26,12 @@ STREAMS_BEGIN = "<!-- streams:begin -->"  # benchmarks/streams.py: S x T, memory
 STREAMS_END = "<!-- streams:end -->"
 RAYSERVE_BEGIN = "<!-- rayserve:begin -->"  # benchmarks/ray_serve.py: `captrt serve` vs `captrt serve --ray`
 RAYSERVE_END = "<!-- rayserve:end -->"
+PROTOCOLS_BEGIN = "<!-- protocols:begin -->"  # benchmarks/protocols.py: /v1 vs the Open Inference Protocol's /v2
+PROTOCOLS_END = "<!-- protocols:end -->"
 # Every section run_suite.py carries over, in the order it appends them.
 PRESERVED = ((SERVE_BEGIN, SERVE_END), (BATCH_BEGIN, BATCH_END), (OPENVINO_BEGIN, OPENVINO_END),
              (PRECISIONS_BEGIN, PRECISIONS_END), (DECODING_BEGIN, DECODING_END), (STREAMS_BEGIN, STREAMS_END),
-             (RAYSERVE_BEGIN, RAYSERVE_END))
+             (RAYSERVE_BEGIN, RAYSERVE_END), (PROTOCOLS_BEGIN, PROTOCOLS_END))
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:

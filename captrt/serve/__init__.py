@@ -5,6 +5,8 @@
     app = create_app(ServeConfig(model=Path("model_dir")))          # or run the ASGI app yourself
     app = ray_app(ServeConfig(model=Path("model_dir")), replicas=2)  # a Ray Serve application (serve.run)
 
+/v1/captions is the service's own API; /v2 speaks the Open Inference Protocol (KServe v2 REST with
+binary tensors: captrt.serve.v2, docs/open-inference-protocol.md) over the same batcher and limits.
 Built on the runtime's public API only (`captrt.runtime`: Captioner.load / read_image / caption /
 info / warmup, ModelDir, the image errors);
 imports no torch unless engine='torch' is asked for.

@@ -5,7 +5,8 @@
 
 The model loads and warms on a thread after start-up, so /healthz answers at once and /readyz turns
 200 when captions can be served. Caption requests: body read under a cap -> images decoded on a
-thread pool -> queued for the Batcher -> one batched beam search -> JSON.
+thread pool -> queued for the Batcher -> one batched beam search -> JSON (captrt.serve.pipeline, shared
+with the Open Inference Protocol's /v2 routes of captrt.serve.v2).
 """
 
 from __future__ import annotations
@@ -15,47 +16,25 @@ import hmac
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
-import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from starlette.exceptions import HTTPException
 
-from captrt.runtime import (Caption, Captioner, ImageTooLargeError, InvalidImageError, ModelDir, ModelDirError,
-                            UnsupportedImageFormatError)
-from captrt.runtime.streams import usable_cores
-from captrt.serve.batcher import Batcher, BatcherClosedError, DecodeParams, QueueFullError
+from captrt.runtime import Captioner, ModelDir, ModelDirError
+from captrt.serve.batcher import Batcher
 from captrt.serve.config import ServeConfig
 from captrt.serve.metrics import ServeMetrics, route_label
 from captrt.serve.page import ui_router
-from captrt.serve.upload import (BodyTooLargeError, ServeError, Upload, error_status, params_schema,
-                                 parse_params, read_uploads, too_large)
+from captrt.serve.pipeline import ServiceState, caption_uploads, guarded, parse_decode, run_batch
+from captrt.serve.upload import BodyTooLargeError, ServeError, params_schema, read_uploads, too_large
+from captrt.serve.v2 import is_v2, v2_error, v2_router
 
 log = logging.getLogger("captrt.serve")
-CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response": metrics only
 DEFAULT_WARM_BEAM = 5
-
-
-class ServiceState:
-    """What the routes share: config, metrics, and (once loaded) the captioner and its batcher."""
-
-    def __init__(self, config: ServeConfig, metrics: ServeMetrics):
-        self.config = config
-        self.metrics = metrics
-        self.captioner: Captioner | None = None
-        self.batcher: Batcher | None = None
-        self.info: dict[str, Any] = {}
-        self.load_error: str | None = None
-        self.max_steps_cap = config.max_steps_cap or 0
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads or usable_cores(),
-                                              thread_name_prefix="captrt-decode")
-
-    @property
-    def ready(self) -> bool:
-        return self.batcher is not None
 
 
 class ServiceMiddleware:
@@ -74,6 +53,7 @@ class ServiceMiddleware:
             return
         route = route_label(scope["path"])
         request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id.decode()  # request.state.request_id
         status = 500
         received = 0
         started = time.perf_counter()
@@ -111,34 +91,11 @@ def _request_id(scope: dict) -> bytes:
     return uuid.uuid4().hex.encode()
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """/v1's error body {"detail": ...}, or the protocol's {"error": ...} on /v2 paths."""
+    if is_v2(path):
+        return v2_error(status, detail, headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-def _decode(captioner: Captioner, upload: Upload) -> tuple[np.ndarray | None, str | None, str | None]:
-    """-> (pixels, error, reason); runs on the decode pool."""
-    try:
-        return captioner.read_image(upload.data, name=upload.name), None, None
-    except UnsupportedImageFormatError as exc:
-        return None, str(exc), "format"
-    except ImageTooLargeError as exc:
-        return None, str(exc), "too_large"
-    except InvalidImageError as exc:
-        return None, str(exc), "unreadable"
-
-
-def _run_batch(captioner: Captioner) -> Callable[[list[np.ndarray], DecodeParams], list[Caption]]:
-    def run(pixels: list[np.ndarray], p: DecodeParams) -> list[Caption]:
-        return captioner.caption_with(pixels, p.decoding(), return_attention=p.attention, batch_size=len(pixels))
-    return run
-
-
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read by then)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
@@ -185,7 +142,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
                     on_fatal(state.load_error)
                 return
             assert state.captioner is not None
-            batcher = Batcher(_run_batch(state.captioner), max_batch=config.max_batch,
+            batcher = Batcher(run_batch(state.captioner), max_batch=config.max_batch,
                               max_wait_s=config.max_wait_s, capacity=config.queue, metrics=metrics,
                               streams=state.captioner.streams)  # up to S batches in flight, one per stream
             batcher.start()
@@ -215,7 +172,13 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, exc.detail, exc.headers)
+        return _error(exc.status, exc.detail, exc.headers, request.url.path)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown path, wrong method
+        if is_v2(request.url.path):
+            return _error(exc.status_code, str(exc.detail), exc.headers, request.url.path)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(BodyTooLargeError)
     async def body_too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
@@ -225,7 +188,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log", path=request.url.path)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -285,73 +248,28 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         if not state.ready:
             raise not_ready()
         started = time.perf_counter()
-        futures: list[asyncio.Future] = []
-        try:
-            return await asyncio.wait_for(_caption_request(request, state, futures, started), config.timeout_s)
-        except asyncio.TimeoutError:
-            return _error(504, f"request took longer than the {config.timeout_s:g} s limit")
-        except ClientDisconnect:
-            return Response(status_code=CLIENT_CLOSED)
-        finally:
-            if futures and state.batcher is not None:
-                state.batcher.cancel([f for f in futures if not f.done()])
+        return await guarded(state, lambda futures: _caption_request(request, state, futures, started), _error)
 
+    app.include_router(v2_router(state, check_key=check_key, not_ready=not_ready, model=_model_dir(config, captioner)))
     return app
 
 
 async def _caption_request(request: Request, state: ServiceState, futures: list, started: float) -> Response:
     """Read, decode, queue, await (or notice the client leaving), answer. `futures` is filled in place
     so the caller can cancel queued images on timeout."""
-    config, captioner, batcher = state.config, state.captioner, state.batcher
-    assert captioner is not None and batcher is not None
-    loop = asyncio.get_running_loop()
     query = request.query_params.multi_items()
 
-    def parse(fields: dict[str, str]) -> DecodeParams:
-        return parse_params(query, fields, max_beam=captioner.max_beam, max_steps_cap=state.max_steps_cap,
-                            check=lambda p: captioner.check_options(p.decoding(), max_steps=state.max_steps_cap))
+    async def read() -> tuple[list, Any]:
+        parse_decode(state, query, {})  # a bad query parameter is answered (422) before the body is read
+        uploads, fields = await read_uploads(request, state.config)
+        return uploads, parse_decode(state, query, fields)
 
-    with batcher.incoming():  # the batcher may wait for this request's images while it is read
-        parse({})  # a bad query parameter is answered (422) before the body is read
-        uploads, fields = await read_uploads(request, config)
-        params = parse(fields)
-        decoded = await asyncio.gather(*(loop.run_in_executor(state.decode_pool, _decode, captioner, u)
-                                         for u in uploads))
-        good = [pixels for pixels, _, _ in decoded if pixels is not None]
-        for _, _, reason in decoded:
-            if reason is not None:
-                state.metrics.image_errors.labels(reason).inc()
-        if not good:
-            kinds = [reason for _, _, reason in decoded]
-            raise ServeError(error_status(kinds), "; ".join(err for _, err, _ in decoded if err))
-        try:
-            futures.extend(batcher.submit(good, params))
-        except QueueFullError as exc:
-            raise ServeError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
-        except BatcherClosedError as exc:
-            raise ServeError(503, str(exc), {"Retry-After": "1"}) from None
-    results = asyncio.gather(*futures)
-    watcher = loop.create_task(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if results not in done:  # the client left: drop its queued images, answer nobody
-        results.cancel()
-        raise ClientDisconnect()
-    try:
-        captions = results.result()
-    except Exception as exc:  # the engine failed on this batch: a server fault, said plainly
-        log.error("captioning failed: %s", exc)
-        return _error(500, f"captioning failed: {type(exc).__name__}: {exc}")
-    out: list[dict[str, Any]] = []
+    uploads, params, captions = await caption_uploads(request, state, read, futures)
     controls = dict(params.controls)
     hypotheses = controls.get("num_hypotheses", 1) > 1 or params.return_scores
-    it = iter(captions)
-    for upload, (pixels, err, _) in zip(uploads, decoded):
-        cap: Caption = next(it) if pixels is not None else Caption("", [], float("nan"), None, err, False)
-        out.append({"name": upload.name, **cap.to_dict(attention=params.attention, hypotheses=hypotheses,
-                                                        scores=params.return_scores)})
+    out = [{"name": upload.name, **cap.to_dict(attention=params.attention, hypotheses=hypotheses,
+                                                scores=params.return_scores)}
+           for upload, cap in zip(uploads, captions)]
     body = {"model": state.info["id"], "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             "params": {"beam_size": params.beam_size, "max_steps": params.max_steps,
                        "attention": params.attention, "length_penalty": params.length_penalty,
@@ -375,12 +293,19 @@ def _captions_openapi(max_beam: int | None, max_steps: int | None) -> dict[str, 
     }
 
 
+def _model_dir(config: ServeConfig, captioner: Captioner | None) -> ModelDir | None:
+    """The served model's manifest before it loads (None: unreadable; the load reports it properly)."""
+    try:
+        return captioner.model if captioner is not None else ModelDir.load(config.model)
+    except ModelDirError:
+        return None
+
+
 def _limits(config: ServeConfig, captioner: Captioner | None) -> tuple[int | None, int | None]:
     """(max_beam, max_steps cap) for the OpenAPI schema, from the manifest (the model loads later)."""
-    try:
-        model = captioner.model if captioner is not None else ModelDir.load(config.model)
-    except ModelDirError:
-        return None, config.max_steps_cap  # the load reports it properly
+    model = _model_dir(config, captioner)
+    if model is None:
+        return None, config.max_steps_cap
     return model.max_beam, config.max_steps_cap or model.max_steps
 
 

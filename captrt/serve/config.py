@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ MIB = 1024 * 1024
 SERVICE_FORMATS = ("JPEG", "PNG", "WEBP")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 RAW_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one URL path segment, as clients quote none of it
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ServeConfig:
     log_level: str = "info"
     access_log: bool = False            # one uvicorn line per request; off by default, as metrics cover counts
     ui: bool = True                     # the web page on GET / (--no-ui: API only)
+    model_name: str | None = None       # the /v2 protocol's model name (None: the model directory's name)
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value the service cannot run with."""
@@ -84,6 +87,9 @@ class ServeConfig:
             raise ValueError("image_formats must name at least one format")
         if self.api_key_env is not None:
             self.api_key()
+        if self.model_name is not None and not (isinstance(self.model_name, str) and MODEL_NAME.fullmatch(self.model_name)):
+            raise ValueError(f"--model-name must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter "
+                             f"or digit), got {self.model_name!r}")
 
     def api_key(self) -> str | None:
         """The key from the environment variable named by --api-key-env (None when not configured)."""

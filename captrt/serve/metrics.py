@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
                                disable_created_metrics, generate_latest)
 
@@ -11,12 +13,20 @@ disable_created_metrics()
 # Server-side latency of a caption request: from a few ms (one small image) to the timeout.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-ROUTES = ("/v1/captions", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/v1/captions", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+          "/v2", "/v2/health/live", "/v2/health/ready")
+# The Open Inference Protocol's per-model paths, labelled by their template (the name is the client's).
+_V2_MODEL = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?(/ready|/infer)?")
 
 
 def route_label(path: str) -> str:
     """The route for labels; any other path is 'other', so random URLs cannot grow the label set."""
-    return path if path in ROUTES else "other"
+    if path in ROUTES:
+        return path
+    model = _V2_MODEL.fullmatch(path)
+    if model is None:
+        return "other"
+    return "/v2/models/{name}" + ("/versions/{version}" if model.group(1) else "") + (model.group(2) or "")
 
 
 class ServeMetrics:

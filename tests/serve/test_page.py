@@ -80,7 +80,9 @@ def test_no_ui_is_api_only_and_the_schema_is_unchanged(tmp_path):
         assert without.get(path).status_code == 404, path
     schema = with_ui.get("/openapi.json").json()
     assert schema == without.get("/openapi.json").json()
-    assert set(schema["paths"]) == {"/healthz", "/readyz", "/metrics", "/v1/model", "/v1/captions"}
+    v2 = {f"/v2/models/{{name}}{v}{op}" for v in ("", "/versions/{version}") for op in ("", "/ready", "/infer")}
+    assert set(schema["paths"]) == {"/healthz", "/readyz", "/metrics", "/v1/model", "/v1/captions", "/v2",
+                                    "/v2/health/live", "/v2/health/ready", *v2}
     assert with_ui.get("/docs").text == without.get("/docs").text
 
 
