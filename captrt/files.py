@@ -14,7 +14,7 @@ import os
 import stat
 from typing import BinaryIO
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -30,7 +30,7 @@ class NotRegularFileError(OSError):
 
 
 def kind_of(mode: int) -> str:
-    """What a st_mode is, in words ('a regular file', 'a FIFO (named pipe)', ...)."""
+    """What a st_mode is, in words ('a regular file', 'a FIFO', 'a character device', ...)."""
     if stat.S_ISREG(mode):
         return "a regular file"
     if stat.S_ISDIR(mode):

@@ -86,7 +86,7 @@ def _iter_source(source: str, split: str | None) -> Iterator[str]:
     elif _GLOB_CHARS & set(source) and not os.path.exists(source):
         yield from sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p) and _is_image(p))
     elif _ext(source) in MANIFEST_EXTENSIONS:
-        if not os.path.isfile(source):
+        if not os.path.exists(source):
             raise SourceError(f"{source}: no such manifest file")
         try:
             f = open_regular(source)

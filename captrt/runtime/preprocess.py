@@ -177,7 +177,7 @@ def _read_bytes(source: object, name: str, max_bytes: int) -> bytes:
         except IsADirectoryError:
             raise InvalidImageError(f"{name}: is a directory, not an image file") from None
         except NotRegularFileError as exc:
-            raise InvalidImageError(f"{name}: {exc.strerror}, not an image file") from None
+            raise InvalidImageError(f"{name}: {exc.strerror}, refused unread") from None
         except PermissionError:
             raise InvalidImageError(f"{name}: permission denied") from None
         except OSError as exc:
