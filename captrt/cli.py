@@ -356,6 +356,9 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
         _fail(exc)
 
 
+_SL = "Security and limits (docs/security.md)"
+
+
 @app.command()
 def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` model directory"),
           engine: str = typer.Option("ort", "--engine", help="ort | openvino | trt | torch"),
@@ -381,7 +384,13 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
           access_log: bool = typer.Option(False, "--access-log", help="log one line per request"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="the web page on / (--no-ui: API only, / is 404)"),
           allow_unverified: bool = typer.Option(False, "--allow-unverified",
-                                                help="serve a precision that has not met the quality budget here")):
+                                                help="serve a precision that has not met the quality budget here"),
+          max_connections: int = typer.Option(1024, "--max-connections", help="open connections; beyond, requests get 503", rich_help_panel=_SL),
+          max_connections_per_client: int = typer.Option(64, "--max-connections-per-client", help="open connections from one IP address (0: no cap; behind a proxy)", rich_help_panel=_SL),
+          header_timeout: float = typer.Option(10.0, "--header-timeout", help="s to send complete request headers", rich_help_panel=_SL),
+          body_timeout: float = typer.Option(10.0, "--body-timeout", help="s without body data before 408", rich_help_panel=_SL),
+          keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", help="s an idle kept-alive connection stays open", rich_help_panel=_SL),
+          private_metrics: bool = typer.Option(False, "--private-metrics", help="/metrics and /readyz need the API key too", rich_help_panel=_SL)):
     """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics (needs the serve extra)."""
     try:
         from captrt.serve.config import MIB, ServeConfig
@@ -395,7 +404,10 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
-                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui)
+                         log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui,
+                         max_connections=max_connections, max_connections_per_client=max_connections_per_client,
+                         header_timeout=header_timeout, body_timeout=body_timeout,
+                         keep_alive_timeout=keep_alive_timeout, private_metrics=private_metrics)
     try:
         code = run_service(config)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:
