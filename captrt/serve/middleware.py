@@ -43,13 +43,19 @@ class ServiceMiddleware:
             nonlocal received, body_done
             if body_done or body_timeout is None:  # after the body: waiting for a disconnect is unbounded
                 message = await receive()
-            else:
+            else:  # asyncio.wait, not wait_for: wait_for can swallow the caller's own cancellation (the
+                # request timeout's) when the message arrives at the same moment, and the request runs on
+                pending = asyncio.ensure_future(receive())
                 try:
-                    message = await asyncio.wait_for(receive(), body_timeout)
-                except asyncio.TimeoutError:
+                    done, _ = await asyncio.wait({pending}, timeout=body_timeout)
+                finally:
+                    if not pending.done():
+                        pending.cancel()
+                if pending not in done:
                     raise ServeError(408, f"the request body stalled: nothing arrived for {body_timeout:g} s "
                                           "(the service's --body-timeout; is it shorter than its Content-Length?)",
-                                     {"Connection": "close"}) from None
+                                     {"Connection": "close"})
+                message = pending.result()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
