@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.requests import ClientDisconnect
 
 from captrt.runtime import (Caption, Captioner, ImageTooLargeError, InvalidImageError, ModelDir, ModelDirError,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any, Callable, Iterable, Mapping
 
-from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -102,8 +102,10 @@ class _ClosingDelimiter:
     off mid-part would read as one with fewer (or no) images."""
 
     def __init__(self, content_type: str, receive: Callable):
-        boundary = parse_options_header(content_type)[1].get(b"boundary")
-        self.delimiter = b"--" + boundary + b"--" if boundary else None
+        header = Message()
+        header["content-type"] = content_type
+        boundary = header.get_param("boundary")
+        self.delimiter = f"--{boundary}--".encode() if isinstance(boundary, str) and boundary else None
         self.found = self.delimiter is None  # no boundary: the parser itself refuses the body
         self.tail = b""
         self.inner = receive
