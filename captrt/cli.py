@@ -320,6 +320,7 @@ def bench(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
 
 
 _RS = "Ray Serve (docs/ray-serve.md)"
+_SL = "Security and limits (docs/security.md)"
 
 
 @app.command(cls=_RayOptionCommand)
@@ -360,7 +361,13 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                                                      help="--replicas auto: at most (default: what the cluster holds)"),
           replica_cpus: Optional[int] = typer.Option(None, "--replica-cpus", rich_help_panel=_RS,
                                                      help="CPUs of each replica = its streams x threads (default: the "
-                                                          "usable cores // replicas)")):
+                                                          "usable cores // replicas)"),
+          max_connections: int = typer.Option(1024, "--max-connections", help="open connections; beyond, requests get 503", rich_help_panel=_SL),
+          max_connections_per_client: int = typer.Option(64, "--max-connections-per-client", help="open connections from one IP address (0: no cap; behind a proxy)", rich_help_panel=_SL),
+          header_timeout: float = typer.Option(10.0, "--header-timeout", help="s to send complete request headers", rich_help_panel=_SL),
+          body_timeout: float = typer.Option(10.0, "--body-timeout", help="s without body data before 408", rich_help_panel=_SL),
+          keep_alive_timeout: float = typer.Option(5.0, "--keep-alive-timeout", help="s an idle kept-alive connection stays open", rich_help_panel=_SL),
+          private_metrics: bool = typer.Option(False, "--private-metrics", help="/metrics and /readyz need the API key too", rich_help_panel=_SL)):
     """HTTP captioning service: POST /v1/captions, /healthz, /readyz, /v1/model, /metrics, and the Open Inference
     Protocol on /v2 (needs the serve extra)."""
     try:
@@ -376,7 +383,10 @@ def serve(model: Path = typer.Option(..., "--model", help="a `captrt export` mod
                          queue=queue, timeout_s=timeout_s, api_key_env=api_key_env,
                          max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_steps_cap=max_steps,
                          log_level=log_level, access_log=access_log, allow_unverified=allow_unverified, ui=ui,
-                         model_name=model_name)
+                         model_name=model_name, max_connections=max_connections,
+                         max_connections_per_client=max_connections_per_client, header_timeout=header_timeout,
+                         body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+                         private_metrics=private_metrics)
     ray_flags = {"replicas": replicas or 1, "min_replicas": min_replicas, "max_replicas": max_replicas,
                  "replica_cpus": replica_cpus}
     if ray is None and (replicas, min_replicas, max_replicas, replica_cpus) != (None,) * 4:

@@ -11,6 +11,8 @@ import os
 from collections import Counter
 from typing import Iterable, Sequence
 
+from captrt.files import open_regular
+
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)
 
@@ -91,8 +93,8 @@ class Vocab:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocab":
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+            with open_regular(path) as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read vocabulary: {exc}") from None
         return cls.from_json(data, source=str(path))

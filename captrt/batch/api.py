@@ -129,7 +129,11 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         raise BatchUsageError("--streams and --oversubscribe apply to local mode only: Ray runs actors, each with "
                               "its own model (--actors x --threads-per-actor)")
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not resume:
+    try:
+        listed = out.is_dir() and any(out.iterdir())
+    except OSError as exc:
+        raise BatchUsageError(f"{out}: cannot list the output directory ({exc.strerror or exc})") from None
+    if listed and not resume:
         raise BatchUsageError(f"{out}: already exists (pass --resume to continue that run, or choose a new -o)")
     if out.exists() and not out.is_dir():
         raise BatchUsageError(f"{out}: exists and is not a directory")
@@ -180,6 +184,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         try:
             output = OutputDir.open(out, settings, resume)
         except OutputDirError as exc:
+            if created:  # refused before any work: leave no OUT_DIR behind
+                shutil.rmtree(out, ignore_errors=True)
             raise BatchUsageError(str(exc)) from None
         already = output.totals()[0]
         bar = Progress(max(total - already, 0), label="captrt batch", stream=stream, enabled=progress is not False,
@@ -223,7 +229,10 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         seconds = time.monotonic() - start
         if assembler.pending:
             raise RuntimeError(f"{out}: {assembler.pending} chunks left incomplete (a bug); rerun with --resume")
-        summary = output.finish(seconds, assembler.captioned, assembler.failed)
+        try:
+            summary = output.finish(seconds, assembler.captioned, assembler.failed)
+        except OutputDirError as exc:
+            raise BatchUsageError(str(exc)) from None
         return BatchResult(out, total, assembler.captioned, assembler.failed, skipped[0], seconds, mode,
                            failed_total=summary["failed"], startup_seconds=startup[0])
     finally:

@@ -18,15 +18,17 @@ pandas, Spark and duckdb dataset readers, so `pd.read_parquet(OUT_DIR)` reads on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from captrt.atomic import atomic_path, atomic_write_text
+from captrt.files import read_regular
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -37,7 +39,17 @@ COLUMNS = ("index", "path", "caption", "tokens", "score", "finished", "error", "
 
 
 class OutputDirError(ValueError):
-    """OUT_DIR cannot be used: exists without --resume, foreign content, or other settings/inputs."""
+    """OUT_DIR cannot be used: exists without --resume, foreign content, other settings/inputs, or a
+    file system that refuses the writes (read-only, full, a file where a directory must be)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path, doing: str) -> Iterator[None]:
+    """An OSError while writing OUT_DIR becomes one OutputDirError naming `path` (the CLI's one line)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputDirError(f"{path}: cannot {doing} ({exc.strerror or exc})") from None
 
 
 def chunk_digest(paths: Sequence[str]) -> str:
@@ -118,13 +130,14 @@ class OutputDir:
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise OutputDirError(f"{out}: exists and is not a directory")
-        existing = out.is_dir() and any(out.iterdir())
+        with _writing(out, "list the output directory"):
+            existing = out.is_dir() and any(out.iterdir())
         if existing and not resume:
             raise OutputDirError(f"{out}: already exists (pass --resume to continue that run, or choose a new -o)")
         manifest_path = out / MANIFEST
         if existing and manifest_path.exists():
             try:
-                old = json.loads(manifest_path.read_text(encoding="utf-8"))
+                old = json.loads(read_regular(manifest_path).decode("utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise OutputDirError(f"{manifest_path}: unreadable manifest ({exc})") from None
             if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
@@ -146,11 +159,14 @@ class OutputDir:
                                      "not a captrt batch output")
             self = cls(out, dict(settings))
         else:
-            out.mkdir(parents=True, exist_ok=True)
+            with _writing(out, "create the output directory"):
+                out.mkdir(parents=True, exist_ok=True)
             self = cls(out, dict(settings))
         for p in out.glob(".part-*.tmp"):  # a killed writer's temporary file
-            p.unlink(missing_ok=True)
-        (out / SUCCESS).unlink(missing_ok=True)  # the run is incomplete again until it ends
+            with _writing(p, "remove a killed run's temporary file"):
+                p.unlink(missing_ok=True)
+        with _writing(out / SUCCESS, "remove it (the run is incomplete again until it ends)"):
+            (out / SUCCESS).unlink(missing_ok=True)
         # Forget entries whose file is gone (deleted by hand): their chunks are redone.
         self.shards = {s: e for s, e in self.shards.items() if (out / e["file"]).is_file()}
         self._save()
@@ -173,7 +189,8 @@ class OutputDir:
         if len(rows) != len(chunk.paths):
             raise ValueError(f"chunk at {chunk.start}: {len(rows)} rows for {len(chunk.paths)} inputs")
         name = shard_name(chunk.start, self.fmt)
-        write_shard(self.path / name, rows, self.fmt)
+        with _writing(self.path / name, "write the shard"):
+            write_shard(self.path / name, rows, self.fmt)
         failed = sum(1 for r in rows if r["error"] is not None)
         entry = {"file": name, "start": chunk.start, "rows": len(rows), "failed": failed, "digest": chunk.digest}
         self.shards[chunk.start] = entry
@@ -191,14 +208,16 @@ class OutputDir:
         summary = {"images": rows, "captioned": rows - failed, "failed": failed, "shards": len(self.shards),
                    "this_run": {"captioned": captioned_now, "failed": failed_now, "seconds": round(seconds, 3)},
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_text(self.path / SUCCESS, json.dumps(summary, indent=1) + "\n")
+        with _writing(self.path / SUCCESS, "write it"):
+            atomic_write_text(self.path / SUCCESS, json.dumps(summary, indent=1) + "\n")
         return summary
 
     def _save(self) -> None:
         entries = [self.shards[s] for s in sorted(self.shards)]
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "columns": list(COLUMNS),
                "settings": self.settings, "shards": entries}
-        atomic_write_text(self.path / MANIFEST, json.dumps(doc, separators=(",", ":")) + "\n")
+        with _writing(self.path / MANIFEST, "write the manifest"):
+            atomic_write_text(self.path / MANIFEST, json.dumps(doc, separators=(",", ":")) + "\n")
 
 
 class Assembler:

@@ -28,6 +28,8 @@ import posixpath
 import re
 from typing import Any, Iterator, Sequence
 
+from captrt.files import open_regular
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet", ".json")
 PATH_COLUMN = "path"
@@ -84,9 +86,13 @@ def _iter_source(source: str, split: str | None) -> Iterator[str]:
     elif _GLOB_CHARS & set(source) and not os.path.exists(source):
         yield from sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p) and _is_image(p))
     elif _ext(source) in MANIFEST_EXTENSIONS:
-        if not os.path.isfile(source):
+        if not os.path.exists(source):
             raise SourceError(f"{source}: no such manifest file")
-        with open(source, "rb") as f:
+        try:
+            f = open_regular(source)
+        except OSError as exc:
+            raise SourceError(f"{source}: cannot open the manifest ({exc.strerror or exc})") from None
+        with f:
             yield from _iter_manifest(f, source, os.path.dirname(source), posix=False, split=split)
     else:
         yield source  # one image; a missing or unreadable file becomes an error row

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captrt.files import kind_of, read_regular
 from captrt.runtime.errors import ModelDirError
 from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
 from captrt.vocab import Vocab
@@ -133,7 +134,7 @@ class ModelDir:
         """The graph's bytes, after checking its sha256 against the manifest and refusing external data."""
         path = self.graph_path(precision, graph)
         try:
-            data = path.read_bytes()
+            data = read_regular(path)
         except OSError as exc:
             raise ModelDirError(f"{path}: cannot read graph: {exc}") from None
         digest = hashlib.sha256(data).hexdigest()
@@ -194,11 +195,13 @@ class ModelDir:
         if not root.is_dir():
             raise ModelDirError(f"{root}: not a directory (expected a model directory from `captrt export`)")
         mpath = root / MANIFEST
+        if mpath.exists() and not mpath.is_file():
+            raise ModelDirError(f"{mpath}: not a regular file ({kind_of(mpath.stat().st_mode)})")
         if not mpath.is_file():
             raise ModelDirError(f"{mpath}: missing; {root} is not a captrt model directory "
                                 "(create one with `captrt export`)")
         try:
-            raw = mpath.read_bytes()
+            raw = read_regular(mpath)
             manifest = json.loads(raw.decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelDirError(f"{mpath}: unreadable manifest: {exc}") from None
@@ -274,6 +277,7 @@ class ModelDir:
                 if Path(name).name != name or name in ("", ".", ".."):
                     raise ModelDirError(f"{where}.file must be a plain file name inside the directory, got {name!r}")
                 if not (root / name).is_file():
-                    raise ModelDirError(f"{root / name}: missing (listed in captrt.json graphs.{precision}.{graph})")
+                    what = "not a regular file" if (root / name).exists() else "missing"
+                    raise ModelDirError(f"{root / name}: {what} (listed in captrt.json graphs.{precision}.{graph})")
                 out[precision][graph] = {"file": name, "sha256": spec["sha256"]}
         return out

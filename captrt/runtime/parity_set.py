@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from captrt.files import read_regular
 from captrt.runtime.errors import ModelDirError
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def _read_checked(root: Path, spec: Any, where: str) -> bytes:
         raise ModelDirError(f"{where}.file must be a plain file name inside the directory, got {name!r}")
     path = root / name
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as exc:
         raise ModelDirError(f"{path}: cannot read the parity set: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()

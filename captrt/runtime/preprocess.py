@@ -31,6 +31,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from captrt.files import NotRegularFileError, open_regular
+
 IMAGE_SIZE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,15 +167,17 @@ def _read_bytes(source: object, name: str, max_bytes: int) -> bytes:
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
         try:
-            with open(source, "rb") as f:
+            with open_regular(source) as f:  # a FIFO or a device is refused before it is read
                 length = os.fstat(f.fileno()).st_size
                 if length > max_bytes:  # refuse from the size alone, before reading anything
                     raise ImageTooLargeError(f"{too_big} ({length} bytes)")
-                data = f.read(max_bytes + 1)  # bounded: the file may have grown, or be a pipe
+                data = f.read(max_bytes + 1)  # bounded: the file may have grown since
         except FileNotFoundError:
             raise InvalidImageError(f"{name}: no such file") from None
         except IsADirectoryError:
             raise InvalidImageError(f"{name}: is a directory, not an image file") from None
+        except NotRegularFileError as exc:
+            raise InvalidImageError(f"{name}: {exc.strerror}, refused unread") from None
         except PermissionError:
             raise InvalidImageError(f"{name}: permission denied") from None
         except OSError as exc:

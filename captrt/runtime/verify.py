@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from captrt.files import read_regular
 from captrt.runtime.errors import UnverifiedPrecisionError
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.text_metrics import cider_d, corpus_bleu4
@@ -211,7 +212,7 @@ def find_record(model: "ModelDir", key: dict[str, Any], digest: str) -> dict[str
             return {**entry, "source": entry.get("source", "export")}
     path = _cache_file(model, key, digest)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path).decode("utf-8"))
         if data.get("key_sha256") == digest and isinstance(data.get("report"), dict):
             return {**data, "source": "cache"}
     except (OSError, ValueError, AttributeError):

@@ -15,19 +15,20 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from captrt.runtime import Captioner, ModelDir, ModelDirError
 from captrt.serve.batcher import Batcher
 from captrt.serve.config import ServeConfig
-from captrt.serve.metrics import ServeMetrics, route_label
+from captrt.serve.metrics import ServeMetrics
+from captrt.serve.middleware import ServiceMiddleware
 from captrt.serve.page import ui_router
 from captrt.serve.pipeline import ServiceState, caption_uploads, guarded, parse_decode, run_batch
 from captrt.serve.upload import BodyTooLargeError, ServeError, params_schema, read_uploads, too_large
@@ -35,60 +36,7 @@ from captrt.serve.v2 import is_v2, v2_error, v2_router
 
 log = logging.getLogger("captrt.serve")
 DEFAULT_WARM_BEAM = 5
-
-
-class ServiceMiddleware:
-    """Pure ASGI: per-request metrics (status, latency, in flight), the body cap on the receive
-    channel (a body is refused while it streams in, whoever reads it), and an X-Request-ID on every
-    response (the client's own, when it sent a sane one, else a new one) to match logs to requests."""
-
-    def __init__(self, app: Any, metrics: ServeMetrics, max_body_bytes: int):
-        self.app = app
-        self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = route_label(scope["path"])
-        request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id.decode()  # request.state.request_id
-        status = 500
-        received = 0
-        started = time.perf_counter()
-        limit = self.max_body_bytes
-
-        async def capped_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLargeError(limit)
-            return message
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, capped_receive, send_status)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-
-def _request_id(scope: dict) -> bytes:
-    for name, value in scope.get("headers", []):
-        if name == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= c < 127 for c in value):
-            return value
-    return uuid.uuid4().hex.encode()
+ECHO_WORDS = 32  # words of suppress/prefix repeated in a response's params
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
@@ -163,9 +111,11 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
             if state.captioner is not None and captioner is None:
                 state.captioner.close()
 
-    app = FastAPI(title="captrt", version=_version(), lifespan=lifespan,
-                  description="Show, Attend and Tell image captioning: batched beam search over ONNX Runtime / TensorRT.")
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    # FastAPIOffline: /docs and /redoc from assets shipped in the package, no CDN (works offline and under a CSP)
+    app = FastAPIOffline(title="captrt", version=_version(), lifespan=lifespan, static_url="/docs/assets",
+                         description="Show, Attend and Tell image captioning: batched beam search over ONNX Runtime / TensorRT.")
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
+                       body_timeout=config.body_timeout)
     app.state.captrt = state
     if config.ui:
         app.include_router(ui_router())
@@ -196,7 +146,8 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         given = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
+            given = auth[7:]
+        given = None if given is None else given.strip()  # as the configured key (ServeConfig.api_key)
         if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
             raise ServeError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
                              {"WWW-Authenticate": "Bearer"})
@@ -212,15 +163,19 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], responses={503: {"description": "loading, or failed to load"}})
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         """Ready: the model is loaded and warmed; caption requests will be served."""
+        if config.private_metrics:
+            check_key(request)
         if not state.ready:
             return _error(503, not_ready().detail)
         return JSONResponse({"status": "ready", "model": state.info["id"]})
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         """Prometheus text format."""
+        if config.private_metrics:
+            check_key(request)
         if state.batcher is not None:
             metrics.queue_depth.set(state.batcher.depth)
         body, content_type = metrics.render()
@@ -273,9 +228,20 @@ async def _caption_request(request: Request, state: ServiceState, futures: list,
     body = {"model": state.info["id"], "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             "params": {"beam_size": params.beam_size, "max_steps": params.max_steps,
                        "attention": params.attention, "length_penalty": params.length_penalty,
-                       **dict(params.controls)},
+                       **_echo(dict(params.controls))},
             "captions": out}
     return JSONResponse(body)
+
+
+def _echo(controls: dict[str, Any]) -> dict[str, Any]:
+    """The controls as the response repeats them: a long word list is cut to its first ECHO_WORDS
+    words, with `<name>_count` saying how many there were (a request cannot make the answer huge)."""
+    out = dict(controls)
+    for name in ("suppress", "prefix"):
+        words = out.get(name)
+        if words is not None and len(words) > ECHO_WORDS:
+            out[name], out[f"{name}_count"] = list(words[:ECHO_WORDS]), len(words)
+    return out
 
 
 def _captions_openapi(max_beam: int | None, max_steps: int | None) -> dict[str, Any]:

@@ -44,6 +44,11 @@ class ServeConfig:
     image_formats: tuple[str, ...] = field(default=SERVICE_FORMATS)
     decode_threads: int | None = None   # image decoding pool (None: usable cores)
     max_connections: int = 1024         # uvicorn's limit_concurrency
+    max_connections_per_client: int = 64  # open connections from one IP address (0: no cap, e.g. behind a proxy)
+    header_timeout: float = 10.0        # s to complete the request headers, from the connection or a request's first byte
+    body_timeout: float = 10.0          # s the service waits for the next part of a request body (then 408)
+    keep_alive_timeout: float = 5.0     # s an idle kept-alive connection stays open
+    private_metrics: bool = False       # /metrics and /readyz need the API key too (/healthz never does)
     log_level: str = "info"
     access_log: bool = False            # one uvicorn line per request; off by default, as metrics cover counts
     ui: bool = True                     # the web page on GET / (--no-ui: API only)
@@ -71,13 +76,17 @@ class ServeConfig:
         except ValueError as exc:
             flags = f"--streams {self.streams}" + (f" --threads {self.threads}" if self.threads is not None else "")
             raise ValueError(f"{flags}: {exc}") from None
+        if isinstance(self.max_connections_per_client, bool) or not isinstance(self.max_connections_per_client, int) \
+                or self.max_connections_per_client < 0:
+            raise ValueError("--max-connections-per-client must be an integer >= 0 (0: no cap), "
+                             f"got {self.max_connections_per_client!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port!r}")
-        for name in ("max_wait_ms", "timeout_s"):
+        for name in ("max_wait_ms", "timeout_s", "header_timeout", "body_timeout", "keep_alive_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (name == "timeout_s" and value == 0):
-                kind = "> 0" if name == "timeout_s" else ">= 0"
+                    or value < 0 or (name != "max_wait_ms" and value == 0):
+                kind = "> 0" if name != "max_wait_ms" else ">= 0"
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {kind}, got {value!r}")
         if self.queue < self.max_images:  # else a full-size request could never be queued: 503 forever
             raise ValueError(f"--queue ({self.queue}) must be at least --max-images ({self.max_images})")
@@ -87,17 +96,27 @@ class ServeConfig:
             raise ValueError("image_formats must name at least one format")
         if self.api_key_env is not None:
             self.api_key()
+        elif self.private_metrics:
+            raise ValueError("--private-metrics needs --api-key-env (the key /metrics and /readyz then ask for)")
         if self.model_name is not None and not (isinstance(self.model_name, str) and MODEL_NAME.fullmatch(self.model_name)):
             raise ValueError(f"--model-name must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter "
                              f"or digit), got {self.model_name!r}")
 
     def api_key(self) -> str | None:
-        """The key from the environment variable named by --api-key-env (None when not configured)."""
+        """The key from the environment variable named by --api-key-env (None when not configured).
+
+        Surrounding whitespace is not part of the key: HTTP strips it from header values, and a key
+        read from a file or a secret mount often ends with a newline. The service strips it here and
+        from what clients send. A key with other characters a header cannot carry is refused.
+        """
         if self.api_key_env is None:
             return None
-        key = os.environ.get(self.api_key_env, "")
-        if not key.strip():
+        key = os.environ.get(self.api_key_env, "").strip()
+        if not key:
             raise ValueError(f"--api-key-env {self.api_key_env}: the environment variable is unset or empty")
+        if not all(" " <= c <= "~" for c in key):
+            raise ValueError(f"--api-key-env {self.api_key_env}: the key holds control or non-ASCII characters, "
+                             "which an HTTP header cannot carry; use printable ASCII")
         return key
 
     @property

@@ -50,6 +50,8 @@ class ServeMetrics:
                                       "(client disconnected or request timed out)", registry=r)
         self.image_errors = Counter("captrt_image_errors", "Uploaded images refused, by reason",
                                     ["reason"], registry=r)
+        self.connections_closed = Counter("captrt_connections_closed", "Connections the service closed to protect "
+                                          "itself: header_timeout, per_client_limit", ["reason"], registry=r)
         self.ready = Gauge("captrt_ready", "1 once the model is loaded and warmed", registry=r)
         self.model = Info("captrt_model", "The model and engine being served", registry=r)
 

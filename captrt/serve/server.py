@@ -24,9 +24,11 @@ DRAIN_MARGIN_S = 5.0
 def serve(config: ServeConfig) -> int:
     """Validate, bind, load in the background, serve until a signal; returns the exit code."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from captrt.runtime import ModelDir
     from captrt.serve.app import create_app
+    from captrt.serve.connections import ConnectionLimits
 
     config.validate()
     # A wrong path or a precision the directory lacks fails here, in one line, before anything binds.
@@ -42,8 +44,15 @@ def serve(config: ServeConfig) -> int:
 
     sock = bind_socket(config.host, config.port)  # before the app loads anything: a busy port fails fast
     app = create_app(config, on_fatal=on_fatal)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                               access_log=config.access_log, limit_concurrency=config.max_connections,
+    # uvicorn has no header timeout and no per-address cap: ConnectionLimits adds both around its own
+    # HTTP protocol (captrt/serve/connections.py). No WebSocket routes: upgrades are not taken.
+    closed = app.state.captrt.metrics.connections_closed
+    limits = ConnectionLimits(config.header_timeout, config.max_connections_per_client,
+                              on_close=lambda reason: closed.labels(reason).inc())
+    uv_config = uvicorn.Config(limits.track_requests(app), host=config.host, port=config.port,
+                               log_level=config.log_level, access_log=config.access_log,
+                               limit_concurrency=config.max_connections, http=limits.protocol(AutoHTTPProtocol),
+                               ws="none", timeout_keep_alive=config.keep_alive_timeout,
                                timeout_graceful_shutdown=int(config.timeout_s + DRAIN_MARGIN_S) + 1,
                                server_header=False)
     server = uvicorn.Server(uv_config)

@@ -7,6 +7,7 @@ the part or field; nothing here decodes pixels (that happens on the decode pool)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any, Callable, Iterable, Mapping
 
 from starlette.datastructures import UploadFile
@@ -90,16 +91,43 @@ async def read_uploads(request: Request, config: ServeConfig) -> tuple[list[Uplo
                           f"files, or one image as {', '.join(RAW_CONTENT_TYPES)}")
 
 
+class _ClosingDelimiter:
+    """Watches a multipart body stream in for its closing delimiter (`--BOUNDARY--`). The multipart
+    parser accepts a body that simply stops, and drops the part it was in: without this, a body cut
+    off mid-part would read as one with fewer (or no) images."""
+
+    def __init__(self, content_type: str, receive: Callable):
+        header = Message()
+        header["content-type"] = content_type
+        boundary = header.get_param("boundary")
+        self.delimiter = f"--{boundary}--".encode() if isinstance(boundary, str) and boundary else None
+        self.found = self.delimiter is None  # no boundary: the parser itself refuses the body
+        self.tail = b""
+        self.inner = receive
+
+    async def receive(self) -> dict:
+        message = await self.inner()
+        if not self.found and message["type"] == "http.request":
+            window = self.tail + message.get("body", b"")
+            self.found = self.delimiter in window
+            self.tail = window[-(len(self.delimiter) - 1):]
+        return message
+
+
 async def _read_multipart(request: Request, config: ServeConfig) -> tuple[list[Upload], dict[str, str]]:
+    closing = _ClosingDelimiter(request.headers.get("content-type", ""), request.receive)
     try:
-        form = await request.form(max_files=config.max_images, max_fields=len(PARAMS) * 2,
-                                  max_part_size=_MAX_FIELD_BYTES)
+        form = await Request(request.scope, closing.receive).form(
+            max_files=config.max_images, max_fields=len(PARAMS) * 2, max_part_size=_MAX_FIELD_BYTES)
     except HTTPException as exc:  # starlette's wrapping of a multipart parse error
         if str(exc.detail).startswith("Too many files"):
             raise ServeError(413, f"more than {config.max_images} images in one request (the service's "
                                   "--max-images); split it") from None
         raise ServeError(400, f"malformed multipart body: {exc.detail}") from None
     try:
+        if not closing.found:
+            raise ServeError(400, "malformed multipart body: it ends before its closing boundary "
+                                  "(cut off in the middle of a part?)")
         uploads: list[Upload] = []
         fields: dict[str, str] = {}
         for key, value in form.multi_items():
