@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from captrt.batch.rows import chunked
 from captrt.batch.shards import FORMATS, Assembler, Chunk, OutputDir, OutputDirError
 from captrt.batch.sources import SourceError, count_paths, iter_paths
+from captrt.checks import check_int
 from captrt.progress import Progress
 
 
@@ -70,12 +71,6 @@ class BatchResult:
                 f"({self.rate:.1f} images/s, {self.mode}{startup}) -> {self.out_dir}")
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BatchUsageError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | os.PathLike, *, engine: str = "ort",
               device: str | None = None, precision: str = "fp32", beam: int = 5, max_steps: int = 50,
               batch_size: int = 16, fmt: str = "parquet", resume: bool = False, split: str | None = None,
@@ -106,14 +101,73 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     with every finished shard already safe in OUT_DIR (--resume continues).
     """
     sources = [str(s) for s in sources]
+    _check_arguments(sources, batch_size=batch_size, shard_rows=shard_rows, actors=actors,
+                     threads_per_actor=threads_per_actor, threads=threads, decode_threads=decode_threads, fmt=fmt,
+                     decode=decode, ray=ray, streams=streams, oversubscribe=oversubscribe)
+    out = Path(out_dir)
+    _check_out_dir(out, resume)
+    if device is None:
+        device = "cuda" if engine == "trt" else "cpu"
+    decoding = dict(decoding or {})
+    model_dir = _checked_model(model, beam, max_steps, decoding)
+    try:
+        total = count_paths(sources, split)
+    except SourceError as exc:
+        raise BatchUsageError(str(exc)) from None
+    settings = {"sources": sources, "split": split, "model_id": model_dir.model_id, "engine": engine,
+                "precision": precision, "device": device, "beam": beam, "max_steps": max_steps, "format": fmt,
+                "shard_rows": shard_rows, **({"decoding": decoding} if decoding else {})}
+    load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision,
+                                    "allow_unverified": allow_unverified}
+    captioner = _load_here(model, load_options, ray=ray, threads=threads, streams=streams,
+                           oversubscribe=oversubscribe)
+    try:
+        output, created = _open_output(out, settings, resume)
+        bar = Progress(max(total - output.totals()[0], 0), label="captrt batch", stream=stream,
+                       enabled=progress is not False, interval_s=log_interval_s)
+        assembler = Assembler(output, on_shard=on_shard)
+        skipped = [0]
+        chunks = _todo(sources, split, output, skipped)
+        clock = _Clock(bar)
+        # What run_local and run_ray share: every row stamped alike, the same decoding, one progress bar.
+        common = {"stamp": {"model_id": model_dir.model_id, "engine": engine, "precision": precision},
+                  "batch_size": batch_size, "beam": beam, "max_steps": max_steps, "decoding": decoding,
+                  "on_rows": bar.update}
+        try:
+            if ray is None:
+                mode = _run_local(chunks, captioner, assembler, decode_threads, common)
+            else:
+                from captrt.batch.ray_mode import run_ray
+
+                mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
+                               address=ray, actors=actors, threads_per_actor=threads_per_actor, decode=decode,
+                               ray_init=ray_init, on_started=clock.started, **common)
+        except (SourceError, OutputDirError, RayModeError) as exc:
+            if created and not output.shards:  # refused before any work: leave no OUT_DIR behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise BatchUsageError(str(exc)) from None
+        finally:
+            bar.close()
+        return _finish(output, assembler, total=total, skipped=skipped[0], seconds=clock.seconds(), mode=mode,
+                       startup_seconds=clock.startup)
+    finally:
+        if captioner is not None:
+            captioner.close()
+
+
+# ------------------------------------------------------------------------------------ argument checks
+
+def _check_arguments(sources: Sequence[str], *, batch_size: Any, shard_rows: Any, actors: Any,
+                     threads_per_actor: Any, threads: Any, decode_threads: Any, fmt: str, decode: str,
+                     ray: str | None, streams: Any, oversubscribe: bool) -> None:
+    """Every argument run_batch can judge on its own, before it reads anything."""
     if not sources:
         raise BatchUsageError("no SOURCE given")
-    _positive("batch_size", batch_size)
-    _positive("shard_rows", shard_rows)
+    check_int("batch_size", batch_size, error=BatchUsageError)
+    check_int("shard_rows", shard_rows, error=BatchUsageError)
     for name, value in (("actors", actors), ("threads_per_actor", threads_per_actor), ("threads", threads),
                         ("decode_threads", decode_threads)):
-        if value is not None:
-            _positive(name, value)
+        check_int(name, value, allow_none=True, error=BatchUsageError)
     if fmt not in FORMATS:
         raise BatchUsageError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if decode not in ("actor", "tasks"):
@@ -124,11 +178,14 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     if ray is None and (actors is not None or threads_per_actor is not None):
         raise BatchUsageError("--actors and --threads-per-actor apply to --ray only")
     if streams is not None and streams != "auto":
-        _positive("streams", streams)
+        check_int("streams", streams, error=BatchUsageError)
     if ray is not None and (streams is not None or oversubscribe):
         raise BatchUsageError("--streams and --oversubscribe apply to local mode only: Ray runs actors, each with "
                               "its own model (--actors x --threads-per-actor)")
-    out = Path(out_dir)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    """OUT_DIR is new, empty, or (with resume) an earlier run's; never a file."""
     try:
         listed = out.is_dir() and any(out.iterdir())
     except OSError as exc:
@@ -138,106 +195,98 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     if out.exists() and not out.is_dir():
         raise BatchUsageError(f"{out}: exists and is not a directory")
 
-    from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
+def _checked_model(model: str | os.PathLike, beam: int, max_steps: int, decoding: dict[str, Any]) -> Any:
+    """The model directory, with every decoding control checked against it before anything starts."""
+    from captrt.runtime.errors import ModelDirError
     from captrt.runtime.model_dir import ModelDir
 
     try:
         model_dir = ModelDir.load(Path(model))
     except ModelDirError as exc:
         raise BatchUsageError(str(exc)) from None
-    if device is None:
-        device = "cuda" if engine == "trt" else "cpu"
-    decoding = dict(decoding or {})
-    try:  # every decoding control checked against the model before anything starts
+    try:
         from captrt.runtime.decoding import DecodingOptions
 
         DecodingOptions.build(beam_size=beam, max_steps=max_steps, **decoding).check(model_dir.vocab,
                                                                                     max_beam=model_dir.max_beam)
     except ValueError as exc:
         raise BatchUsageError(str(exc)) from None
+    return model_dir
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+def _load_here(model: str | os.PathLike, load_options: dict[str, Any], *, ray: str | None, threads: int | None,
+               streams: int | str | None, oversubscribe: bool) -> Any:
+    """The Captioner local mode runs, or None in Ray mode. Ray mode loads once here too when the precision needs
+    a quality verification: a missing or failed one is refused in one line before any actor starts (and a first
+    verification is cached for this machine's actors)."""
+    if ray is not None and (load_options["precision"] == "fp32" or load_options["allow_unverified"]):
+        return None
+    from captrt.runtime.captioner import Captioner
+    from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+
     try:
-        total = count_paths(sources, split)
-    except SourceError as exc:
+        captioner = Captioner.load(model, threads=threads, streams=streams or 1, oversubscribe=oversubscribe,
+                                   **load_options)
+    except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
         raise BatchUsageError(str(exc)) from None
-    settings = {"sources": sources, "split": split, "model_id": model_dir.model_id, "engine": engine,
-                "precision": precision, "device": device, "beam": beam, "max_steps": max_steps, "format": fmt,
-                "shard_rows": shard_rows, **({"decoding": decoding} if decoding else {})}
-    load_options: dict[str, Any] = {"engine": engine, "device": device, "precision": precision,
-                                    "allow_unverified": allow_unverified}
+    if ray is not None:
+        captioner.close()
+        return None
+    return captioner
 
-    captioner = None
-    # Ray mode loads once here too when the precision needs a quality verification: a missing or failed one is
-    # refused in one line before any actor starts (and a first verification is cached for this machine's actors).
-    if ray is None or (precision != "fp32" and not allow_unverified):
-        from captrt.runtime.captioner import Captioner
 
-        try:
-            captioner = Captioner.load(model, threads=threads, streams=streams or 1, oversubscribe=oversubscribe,
-                                       **load_options)
-        except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
-            raise BatchUsageError(str(exc)) from None
-        if ray is not None:
-            captioner.close()
-            captioner = None
+def _open_output(out: Path, settings: dict[str, Any], resume: bool) -> tuple[OutputDir, bool]:
+    """(the output directory, whether this run created it)."""
+    created = not out.exists()
     try:
-        created = not out.exists()
-        try:
-            output = OutputDir.open(out, settings, resume)
-        except OutputDirError as exc:
-            if created:  # refused before any work: leave no OUT_DIR behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise BatchUsageError(str(exc)) from None
-        already = output.totals()[0]
-        bar = Progress(max(total - already, 0), label="captrt batch", stream=stream, enabled=progress is not False,
-                       interval_s=log_interval_s)
-        assembler = Assembler(output, on_shard=on_shard)
-        skipped = [0]
-        chunks = _todo(sources, split, output, skipped)
-        stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": precision}
-        start = time.monotonic()
-        startup = [0.0]
+        return OutputDir.open(out, settings, resume), created
+    except OutputDirError as exc:
+        if created:  # refused before any work: leave no OUT_DIR behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise BatchUsageError(str(exc)) from None
 
-        def started() -> None:  # Ray is up: its start-up is reported apart from the captioning time
-            nonlocal start
-            now = time.monotonic()
-            startup[0], start = now - start, now
-            bar.restart()
 
-        try:
-            if ray is None:
-                from captrt.batch.local import run_local
-                from captrt.batch.rows import make_reader
+class _Clock:
+    """The run's captioning time; Ray mode's start-up (from the call to Ray being up) is measured apart."""
 
-                run_local(chunks, captioner, assembler, read=make_reader(captioner), stamp=stamp,
-                          batch_size=batch_size, beam=beam, max_steps=max_steps, decoding=decoding,
-                          decode_threads=decode_threads or (os.cpu_count() or 1), on_rows=bar.update)
-                mode = "local"
-            else:
-                from captrt.batch.ray_mode import run_ray
+    def __init__(self, bar: Progress):
+        self._bar = bar
+        self.start = time.monotonic()
+        self.startup = 0.0
 
-                mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
-                               stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
-                               batch_size=batch_size, beam=beam, max_steps=max_steps, decoding=decoding,
-                               decode=decode,
-                               on_rows=bar.update, ray_init=ray_init, on_started=started)
-        except (SourceError, OutputDirError, RayModeError) as exc:
-            if created and not output.shards:  # refused before any work: leave no OUT_DIR behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise BatchUsageError(str(exc)) from None
-        finally:
-            bar.close()
-        seconds = time.monotonic() - start
-        if assembler.pending:
-            raise RuntimeError(f"{out}: {assembler.pending} chunks left incomplete (a bug); rerun with --resume")
-        try:
-            summary = output.finish(seconds, assembler.captioned, assembler.failed)
-        except OutputDirError as exc:
-            raise BatchUsageError(str(exc)) from None
-        return BatchResult(out, total, assembler.captioned, assembler.failed, skipped[0], seconds, mode,
-                           failed_total=summary["failed"], startup_seconds=startup[0])
-    finally:
-        if captioner is not None:
-            captioner.close()
+    def started(self) -> None:
+        now = time.monotonic()
+        self.startup, self.start = now - self.start, now
+        self._bar.restart()
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _run_local(chunks: Iterator[Chunk], captioner: Any, assembler: Assembler, decode_threads: int | None,
+               common: dict[str, Any]) -> str:
+    from captrt.batch.local import run_local
+    from captrt.batch.rows import make_reader
+
+    run_local(chunks, captioner, assembler, read=make_reader(captioner),
+              decode_threads=decode_threads or (os.cpu_count() or 1), **common)
+    return "local"
+
+
+def _finish(output: OutputDir, assembler: Assembler, *, total: int, skipped: int, seconds: float, mode: str,
+            startup_seconds: float) -> BatchResult:
+    """The run's summary, written into OUT_DIR, as a BatchResult."""
+    if assembler.pending:
+        raise RuntimeError(f"{output.path}: {assembler.pending} chunks left incomplete (a bug); rerun with --resume")
+    try:
+        summary = output.finish(seconds, assembler.captioned, assembler.failed)
+    except OutputDirError as exc:
+        raise BatchUsageError(str(exc)) from None
+    return BatchResult(output.path, total, assembler.captioned, assembler.failed, skipped, seconds, mode,
+                       failed_total=summary["failed"], startup_seconds=startup_seconds)
 
 
 def _todo(sources: Sequence[str], split: str | None, output: OutputDir, skipped: list[int]) -> Iterator[Chunk]:
