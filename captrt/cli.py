@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 import typer
 import typer.core
 
+from captrt.checks import int_or_auto
 from captrt.cli_flags import decoding_flags
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Show, Attend and Tell: train, export, caption, bench.")
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     """Known bad-input errors end with one clear line, not a traceback."""
     typer.echo(f"captrt: error: {exc}", err=True)
     raise typer.Exit(2)
@@ -25,15 +26,10 @@ KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileExistsError, FileNo
 
 def _streams(value: str) -> int | str:
     """--streams: 'auto' or a positive integer (a bad one ends with one line, exit 2)."""
-    if value.strip().lower() == "auto":
-        return "auto"
     try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        _fail(ValueError(f"--streams must be a positive integer or 'auto', got {value!r}"))
-    return n
+        return int_or_auto("--streams", value, text=True)
+    except ValueError as exc:
+        _fail(exc)
 
 
 @app.command()

@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captrt.checks import check_int
+
 JSON_NAME = "dataset_synth.json"
 IMAGE_DIR = "images"
 SPLITS = ("train", "val", "test")
@@ -292,15 +294,9 @@ def assign_splits(n_images: int, seed: int, splits: Sequence[float]) -> list[str
 # ----------------------------------------------------------------------------------------------- writer
 
 def _check_args(n_images: object, seed: object, splits: object, image_size: object) -> tuple[float, float, float]:
-    def is_int(v: object) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    if not is_int(n_images) or n_images <= 0:
-        raise ValueError(f"synth: n_images must be a positive integer, got {n_images!r}")
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"synth: seed must be a non-negative integer, got {seed!r}")
-    if not is_int(image_size) or image_size < 32:
-        raise ValueError(f"synth: image_size must be an integer >= 32, got {image_size!r}")
+    check_int("synth: n_images", n_images)
+    check_int("synth: seed", seed, low=0)
+    check_int("synth: image_size", image_size, low=32)
     try:
         fracs = tuple(float(f) for f in splits)  # type: ignore[union-attr]
     except (TypeError, ValueError):

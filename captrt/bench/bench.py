@@ -31,6 +31,7 @@ from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import OPTIONS_ROW, OptionsRunner, StreamRunner, make_runner
 from captrt.bench.summary import compare_captions, summary_lines
 from captrt.bench.quality import quality_cell, row_quality
+from captrt.checks import check_int
 from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ModelDir
@@ -67,12 +68,6 @@ def parse_list(value: str | int | Iterable[Any] | None, name: str, kind: type = 
     if not out:
         raise ValueError(f"{name}: nothing given")
     return out
-
-
-def _check_count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def check_names(engines: Sequence[str], precisions: Sequence[str]) -> None:
@@ -147,10 +142,10 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     if device not in DEVICES:
         raise ValueError(f"device: unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if steps is not None:
-        steps = _check_count("steps", steps, 1)
-    warmup, iters = _check_count("warmup", warmup, 0), _check_count("iters", iters, 1)
+        steps = check_int("steps", steps, expected=True)
+    warmup, iters = check_int("warmup", warmup, low=0, expected=True), check_int("iters", iters, expected=True)
     if threads is not None:
-        threads = _check_count("threads", threads, 1)
+        threads = check_int("threads", threads, expected=True)
     stream_list = parse_list(streams, "streams", int)
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds: expected a positive number, got {max_seconds!r}")

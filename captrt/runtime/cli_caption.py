@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from captrt.checks import check_int
 from captrt.progress import Progress
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
@@ -92,8 +93,7 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     from captrt.runtime.captioner import Captioner
 
     try:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        check_int("batch", batch)
         captioner = Captioner.load(model_dir, engine=engine, device=device, precision=precision,
                                    threads=threads, providers=providers, allow_unverified=allow_unverified)
     except (ModelDirError, EngineUnavailableError, ValueError) as exc:

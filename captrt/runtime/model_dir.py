@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captrt.checks import check_int
 from captrt.files import kind_of, read_regular
 from captrt.runtime.errors import ModelDirError
 from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
@@ -39,12 +40,6 @@ GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS + (
 V1_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_STATE_INPUTS}
 V1_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS}
 _MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
-
-
-def _positive_int(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ModelDirError(f"{where}: expected a positive integer, got {value!r}")
-    return value
 
 
 @dataclass
@@ -223,10 +218,13 @@ class ModelDir:
         model = manifest.get("model")
         if not isinstance(model, dict):
             raise ModelDirError(f"{mpath}: 'model' must be an object")
-        dims = {k: _positive_int(model.get(k), f"{mpath}: model.{k}") for k in _MODEL_INT_FIELDS}
-        grid = _positive_int(manifest.get("grid"), f"{mpath}: grid")
-        max_beam = _positive_int(manifest.get("max_beam"), f"{mpath}: max_beam")
-        max_steps = _positive_int(manifest.get("max_steps", MAX_STEPS), f"{mpath}: max_steps")
+        def positive(where: str, value: Any) -> int:
+            return check_int(f"{mpath}: {where}", value, error=ModelDirError, expected=True)
+
+        dims = {k: positive(f"model.{k}", model.get(k)) for k in _MODEL_INT_FIELDS}
+        grid = positive("grid", manifest.get("grid"))
+        max_beam = positive("max_beam", manifest.get("max_beam"))
+        max_steps = positive("max_steps", manifest.get("max_steps", MAX_STEPS))
         if grid != dims["enc_size"]:
             raise ModelDirError(f"{mpath}: grid {grid} differs from model.enc_size {dims['enc_size']}")
         vocab = cls._load_vocab(root, mpath, manifest, dims["vocab_size"])

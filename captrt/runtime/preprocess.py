@@ -31,6 +31,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from captrt.checks import check_int
 from captrt.files import NotRegularFileError, open_regular
 
 IMAGE_SIZE = 256
@@ -117,8 +118,7 @@ def load_image(source: ImageSource, size: int = IMAGE_SIZE, *, formats: Iterable
     image: UnsupportedImageFormatError for a recognised format off the allow-list,
     ImageTooLargeError above a cap. TypeError for an unsupported source type.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    check_int("size", size)
     name = describe_source(source) if name is None else name
     if isinstance(source, np.ndarray):
         return _finish(_image_from_array(source, name), name, size, max_pixels)

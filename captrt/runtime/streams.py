@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from captrt.checks import check_int
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity), not the machine's count."""
@@ -37,13 +39,11 @@ class StreamPlan:
         one thread each); threads None = the cores divided among the streams. S x T above the usable
         cores is refused unless oversubscribe (threads would then wait for each other's cores)."""
         cores = cores or usable_cores()
+        threads = check_int("threads", threads, allow_none=True, what="a positive integer or None", expected=True)
         if streams == "auto":
             s = cores if threads is None else max(1, cores // threads)
             return cls.resolve(s, threads or 1, oversubscribe=oversubscribe, cores=cores)
-        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams must be an integer >= 1 or 'auto', got {streams!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+        streams = check_int("streams", streams, what="an integer >= 1 or 'auto'")
         t = threads if threads is not None else max(1, cores // streams)
         if streams * t > cores and not oversubscribe:
             raise ValueError(f"streams x threads = {streams} x {t} = {streams * t} exceeds the {cores} usable cores; "

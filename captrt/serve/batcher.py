@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from captrt.checks import check_int
 from captrt.runtime.decoding import DecodingOptions
 from captrt.runtime.decoding.options import SPECS
 
@@ -103,10 +104,8 @@ class Batcher:
 
     def __init__(self, run: RunBatch, *, max_batch: int, max_wait_s: float, capacity: int, metrics: Any = None,
                  streams: int = 1):
-        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams must be a positive integer, got {streams!r}")
         self._run = run
-        self.streams = streams
+        self.streams = check_int("streams", streams)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.capacity = capacity

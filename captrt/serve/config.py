@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captrt.checks import check_int, int_or_auto, is_int
+
 MIB = 1024 * 1024
 # The service's default allow-list: what browsers and phones send. BMP/GIF stay out (huge or animated
 # uploads for no caption gain); the library's own default (load_image) is wider.
@@ -56,19 +58,11 @@ class ServeConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value the service cannot run with."""
-        def positive(name: str, value: object, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
         for name in ("max_batch", "queue", "max_body_bytes", "max_images", "max_connections"):
-            positive(name, getattr(self, name))
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("threads", "max_steps_cap", "max_image_pixels", "decode_threads"):
-            positive(name, getattr(self, name), allow_none=True)
-        if self.streams != "auto" and (isinstance(self.streams, bool) or not isinstance(self.streams, int)
-                                       or self.streams < 1):
-            raise ValueError(f"--streams must be a positive integer or 'auto', got {self.streams!r}")
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), allow_none=True)
+        int_or_auto("--streams", self.streams)
         from captrt.runtime.streams import StreamPlan
 
         try:  # S x T within the usable cores unless --oversubscribe
@@ -76,11 +70,9 @@ class ServeConfig:
         except ValueError as exc:
             flags = f"--streams {self.streams}" + (f" --threads {self.threads}" if self.threads is not None else "")
             raise ValueError(f"{flags}: {exc}") from None
-        if isinstance(self.max_connections_per_client, bool) or not isinstance(self.max_connections_per_client, int) \
-                or self.max_connections_per_client < 0:
-            raise ValueError("--max-connections-per-client must be an integer >= 0 (0: no cap), "
-                             f"got {self.max_connections_per_client!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+        check_int("--max-connections-per-client", self.max_connections_per_client, low=0,
+                  what="an integer >= 0 (0: no cap)")
+        if not is_int(self.port) or not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port!r}")
         for name in ("max_wait_ms", "timeout_s", "header_timeout", "body_timeout", "keep_alive_timeout"):
             value = getattr(self, name)

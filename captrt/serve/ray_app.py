@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from captrt.checks import check_int, int_or_auto
 from captrt.serve.config import ServeConfig
 
 APP_NAME = "captrt"            # the Serve application and deployment name
@@ -55,23 +56,9 @@ class ReplicaPlan:
                 f"thread{'s' if self.threads > 1 else ''})")
 
 
-def _count(flag: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def parse_replicas(value: str | int) -> int | str:
     """--replicas: a positive integer or 'auto' (ValueError naming the flag otherwise)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or isinstance(value, bool):
-        raise ValueError(f"--replicas must be a positive integer or 'auto', got {value!r}")
-    return n
+    return int_or_auto("--replicas", value, text=True)
 
 
 def _fitting(nodes: Sequence[float], cpus: int) -> int:
@@ -84,14 +71,14 @@ def check_replica_flags(replicas: int | str = 1, min_replicas: int | None = None
     """The flags' own rules, whatever the cluster: -> (replicas or 'auto', minimum, maximum or None)."""
     replicas = parse_replicas(replicas)
     if replica_cpus is not None:
-        _count("--replica-cpus", replica_cpus)
+        check_int("--replica-cpus", replica_cpus)
     if replicas != "auto":
         for flag, value in (("--min-replicas", min_replicas), ("--max-replicas", max_replicas)):
             if value is not None:
                 raise ValueError(f"{flag} applies to --replicas auto only (got --replicas {replicas})")
         return replicas, replicas, replicas
-    low = 1 if min_replicas is None else _count("--min-replicas", min_replicas)
-    high = None if max_replicas is None else _count("--max-replicas", max_replicas)
+    low = 1 if min_replicas is None else check_int("--min-replicas", min_replicas)
+    high = check_int("--max-replicas", max_replicas, allow_none=True)
     if high is not None and high < low:
         raise ValueError(f"--max-replicas ({high}) must be at least --min-replicas ({low})")
     return replicas, low, high
@@ -138,10 +125,9 @@ def _streams_threads(config: ServeConfig, cpus: int) -> tuple[int, int]:
         threads = config.threads or 1
         streams = max(1, cpus // threads)
     else:
-        streams = _count("--streams", config.streams)
+        streams = check_int("--streams", config.streams)
         threads = config.threads or max(1, cpus // streams)
-    if config.threads is not None:
-        _count("--threads", config.threads)
+    check_int("--threads", config.threads, allow_none=True)
     if streams * threads > cpus and not config.oversubscribe:
         raise ValueError(f"--streams {config.streams} x --threads {threads} = {streams * threads} exceeds the "
                          f"{cpus} CPUs of a replica (--replica-cpus); use fewer, or --oversubscribe")
@@ -225,7 +211,7 @@ def ray_app(config: ServeConfig, *, replicas: int | str = 1, min_replicas: int |
     per_replica = replica_config(config, plan)
     per_replica.validate()
     ongoing = max_ongoing_requests if max_ongoing_requests is not None else (plan.streams + 1) * config.max_batch
-    if _count("max_ongoing_requests", ongoing) < config.max_batch:
+    if check_int("max_ongoing_requests", ongoing) < config.max_batch:
         raise ValueError(f"max_ongoing_requests ({ongoing}) must be at least --max-batch ({config.max_batch})")
     serve = import_serve()
     options: dict[str, Any] = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from captrt.checks import check_int
+
 # Channels of the last ResNet stage, i.e. the encoder_dim E of the features.
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
@@ -23,9 +25,7 @@ class ModelConfig:
         if self.backbone not in BACKBONE_CHANNELS:
             raise ValueError(f"config.backbone: unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
         for name in ("vocab_size", "enc_size", "image_size", "attention_dim", "embed_dim", "decoder_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config.{name}: expected a positive integer, got {value!r}")
+            check_int(f"config.{name}", getattr(self, name), expected=True)
         if self.vocab_size < 4:
             raise ValueError(f"config.vocab_size: {self.vocab_size} cannot hold <pad>, <unk>, <start>, <end>")
         if not 0.0 <= float(self.dropout) < 1.0:

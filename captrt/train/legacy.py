@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from captrt.checks import check_int, is_int
 from captrt.train import legacy_unpickler
 from captrt.train.config import BACKBONE_CHANNELS, ModelConfig
 from captrt.train.legacy_unpickler import RefusedGlobal, StandIn
@@ -217,7 +218,7 @@ def infer_config(encoder: StandIn, encoder_state: dict, decoder: StandIn, decode
     size = pool.attrs.get("output_size") if isinstance(pool, StandIn) else encoder.attrs.get("enc_image_size")
     if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    if not is_int(size) or size <= 0:
         raise LegacyCheckpointError(f"{source}: encoder.adaptive_pool.output_size is {size!r}; "
                                     "expected a square grid such as (14, 14)")
     needed = ("embedding.weight", "fc.weight", "attention.encoder_attn.weight", "decode_step.weight_hh")
@@ -291,8 +292,7 @@ def build_vocab_for_legacy(word_map: str | os.PathLike | None, karpathy_json: st
             raise LegacyCheckpointError(str(exc)) from None
     else:
         source = str(karpathy_json)
-        if isinstance(min_word_freq, bool) or not isinstance(min_word_freq, int) or min_word_freq < 0:
-            raise LegacyCheckpointError(f"min_word_freq: expected a non-negative integer, got {min_word_freq!r}")
+        check_int("min_word_freq", min_word_freq, low=0, error=LegacyCheckpointError, expected=True)
         vocab = Vocab.build(_karpathy_tokens(source), min_word_freq)
     if expected_size is not None and len(vocab) != expected_size:
         hint = "" if word_map is not None else f" (rebuilt with min_word_freq={min_word_freq}; the seed used 5)"
