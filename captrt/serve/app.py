@@ -51,29 +51,57 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
     """The service as an ASGI app. captioner: serve this already-loaded one instead of loading
     config.model. on_fatal(message): called when loading fails (the CLI uses it to exit 1)."""
     config.validate()
-    api_key = config.api_key()
-    metrics = ServeMetrics()
-    state = ServiceState(config, metrics)
+    state = ServiceState(config, ServeMetrics())
+    # FastAPIOffline: /docs and /redoc from assets shipped in the package, no CDN (works offline and under a CSP)
+    app = FastAPIOffline(title="captrt", version=_version(), lifespan=_lifespan(state, captioner, on_fatal),
+                         static_url="/docs/assets",
+                         description="Show, Attend and Tell image captioning: batched beam search over ONNX Runtime / TensorRT.")
+    app.add_middleware(ServiceMiddleware, metrics=state.metrics, max_body_bytes=config.max_body_bytes,
+                       body_timeout=config.body_timeout)
+    app.state.captrt = state
+    if config.ui:
+        app.include_router(ui_router())
+    _add_error_handlers(app)
+    check_key = _key_checker(config.api_key())
+    _add_operational_routes(app, state, check_key)
+    _add_caption_routes(app, state, check_key, captioner)
+    app.include_router(v2_router(state, check_key=check_key, not_ready=lambda: _not_ready(state),
+                                 model=_model_dir(config, captioner)))
+    return app
 
-    def install(cap: Captioner) -> None:
-        cap.warmup(batch_sizes=sorted({1, config.max_batch}), beam_size=DEFAULT_WARM_BEAM)
-        state.captioner = cap
-        metrics.streams_busy.set_function(lambda: cap.slots.busy)  # searches holding a stream, read per scrape
-        state.max_steps_cap = config.max_steps_cap or cap.model.max_steps
-        state.info = {**cap.info(), "max_steps_cap": state.max_steps_cap, "max_batch": config.max_batch,
-                      "image_formats": list(config.image_formats), "max_images_per_request": config.max_images,
-                      "max_body_bytes": config.max_body_bytes}
-        metrics.model.info({**{k: str(state.info[k]) for k in ("id", "engine", "provider", "precision")},
-                            "verification": str(state.info["verification"]["status"])})
 
-    def load() -> None:
-        cap = captioner or Captioner.load(
-            config.model, engine=config.engine, device=config.device, precision=config.precision,
-            threads=config.threads, streams=config.streams, oversubscribe=config.oversubscribe,
-            providers=config.providers, image_formats=config.image_formats,
-            max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_body_bytes,
-            allow_unverified=config.allow_unverified)
-        install(cap)
+# ----------------------------------------------------------------------------- the model's life cycle
+
+def _install(state: ServiceState, cap: Captioner) -> None:
+    """Warm `cap` on the batch sizes the service forms, then make it the served model (info, metrics)."""
+    config, metrics = state.config, state.metrics
+    cap.warmup(batch_sizes=sorted({1, config.max_batch}), beam_size=DEFAULT_WARM_BEAM)
+    state.captioner = cap
+    metrics.streams_busy.set_function(lambda: cap.slots.busy)  # searches holding a stream, read per scrape
+    state.max_steps_cap = config.max_steps_cap or cap.model.max_steps
+    state.info = {**cap.info(), "max_steps_cap": state.max_steps_cap, "max_batch": config.max_batch,
+                  "image_formats": list(config.image_formats), "max_images_per_request": config.max_images,
+                  "max_body_bytes": config.max_body_bytes}
+    metrics.model.info({**{k: str(state.info[k]) for k in ("id", "engine", "provider", "precision")},
+                        "verification": str(state.info["verification"]["status"])})
+
+
+def _load(state: ServiceState, captioner: Captioner | None) -> None:
+    """Load config.model (unless a captioner was given) and install it; runs on a thread."""
+    config = state.config
+    cap = captioner or Captioner.load(
+        config.model, engine=config.engine, device=config.device, precision=config.precision,
+        threads=config.threads, streams=config.streams, oversubscribe=config.oversubscribe,
+        providers=config.providers, image_formats=config.image_formats,
+        max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_body_bytes,
+        allow_unverified=config.allow_unverified)
+    _install(state, cap)
+
+
+def _lifespan(state: ServiceState, captioner: Captioner | None, on_fatal: Callable[[str], None] | None):
+    """Start-up loads the model in the background (/healthz answers meanwhile) and starts the Batcher;
+    shut-down drains and closes what start-up opened (a given captioner stays the caller's to close)."""
+    config, metrics = state.config, state.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,7 +110,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         async def load_then_start() -> None:
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(None, load)
+                await loop.run_in_executor(None, _load, state, captioner)
             except Exception as exc:  # noqa: BLE001 - any load failure is reported, never a hang
                 state.load_error = f"{type(exc).__name__}: {exc}"
                 log.error("captrt serve: cannot load the model: %s", state.load_error)
@@ -111,14 +139,13 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
             if state.captioner is not None and captioner is None:
                 state.captioner.close()
 
-    # FastAPIOffline: /docs and /redoc from assets shipped in the package, no CDN (works offline and under a CSP)
-    app = FastAPIOffline(title="captrt", version=_version(), lifespan=lifespan, static_url="/docs/assets",
-                         description="Show, Attend and Tell image captioning: batched beam search over ONNX Runtime / TensorRT.")
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       body_timeout=config.body_timeout)
-    app.state.captrt = state
-    if config.ui:
-        app.include_router(ui_router())
+    return lifespan
+
+
+# ------------------------------------------------------------------------ errors, key, readiness
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is one JSON body: /v1's {"detail"}, or the protocol's {"error"} on /v2 paths."""
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -140,6 +167,11 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log", path=request.url.path)
 
+
+def _key_checker(api_key: str | None) -> Callable[[Request], None]:
+    """check_key(request): ServeError 401 unless the request carries `api_key` (Authorization: Bearer, or
+    X-API-Key), compared in constant time; passes everything when no key is configured."""
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -152,10 +184,21 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
             raise ServeError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
                              {"WWW-Authenticate": "Bearer"})
 
-    def not_ready() -> ServeError:
-        if state.load_error is not None:
-            return ServeError(503, f"model failed to load: {state.load_error}")
-        return ServeError(503, "model is loading; retry shortly", {"Retry-After": "1"})
+    return check_key
+
+
+def _not_ready(state: ServiceState) -> ServeError:
+    """The 503 of a request that came before the model is ready (or after it failed to load)."""
+    if state.load_error is not None:
+        return ServeError(503, f"model failed to load: {state.load_error}")
+    return ServeError(503, "model is loading; retry shortly", {"Retry-After": "1"})
+
+
+# ----------------------------------------------------------------------------------------- routes
+
+def _add_operational_routes(app: FastAPI, state: ServiceState, check_key: Callable[[Request], None]) -> None:
+    """/healthz, /readyz, /metrics: what an orchestrator and a scraper read."""
+    config, metrics = state.config, state.metrics
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
@@ -168,7 +211,7 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         if config.private_metrics:
             check_key(request)
         if not state.ready:
-            return _error(503, not_ready().detail)
+            return _error(503, _not_ready(state).detail)
         return JSONResponse({"status": "ready", "model": state.info["id"]})
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
@@ -181,15 +224,20 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+
+def _add_caption_routes(app: FastAPI, state: ServiceState, check_key: Callable[[Request], None],
+                        captioner: Captioner | None) -> None:
+    """/v1/model and /v1/captions."""
+
     @app.get("/v1/model", tags=["captions"])
     async def model_info(request: Request) -> dict[str, Any]:
         """The served model's public facts and the engine/provider actually running."""
         check_key(request)
         if not state.ready:
-            raise not_ready()
+            raise _not_ready(state)
         return state.info
 
-    @app.post("/v1/captions", tags=["captions"], openapi_extra=_captions_openapi(*_limits(config, captioner)),
+    @app.post("/v1/captions", tags=["captions"], openapi_extra=_captions_openapi(*_limits(state.config, captioner)),
               responses={400: {"description": "unreadable image or malformed body"},
                          401: {"description": "missing or wrong API key"},
                          413: {"description": "body or image too large"},
@@ -201,12 +249,9 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
         """Caption one or several images (multipart files, or one raw image body)."""
         check_key(request)
         if not state.ready:
-            raise not_ready()
+            raise _not_ready(state)
         started = time.perf_counter()
         return await guarded(state, lambda futures: _caption_request(request, state, futures, started), _error)
-
-    app.include_router(v2_router(state, check_key=check_key, not_ready=not_ready, model=_model_dir(config, captioner)))
-    return app
 
 
 async def _caption_request(request: Request, state: ServiceState, futures: list, started: float) -> Response:
