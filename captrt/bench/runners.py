@@ -29,6 +29,7 @@ from captrt.bench.measure import now_ms
 from captrt.runtime.model_dir import ModelDir
 
 FORCE_END = -1  # no word id equals -1: no hypothesis ever ends
+PEERS = ("reference", "torch-compile")  # the seed's search in PyTorch: eager, and with the encoder compiled
 
 
 @dataclass
@@ -357,7 +358,7 @@ class TorchCompileRunner(ReferenceRunner):
 def make_runner(name: str, model: ModelDir, *, precision: str, device: str, threads: int | None,
                 checkpoint: str | Path | None = None):
     """The runner for engine `name` ('reference', 'torch-compile' or a runtime engine)."""
-    if name in ("reference", "torch-compile"):
+    if name in PEERS:
         import importlib.util
 
         from captrt.runtime.errors import EngineUnavailableError

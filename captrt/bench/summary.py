@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-PEERS = ("reference", "torch-compile")
+from captrt.bench.runners import PEERS
 
 
 def count_differing(a: Sequence[Sequence[Sequence[int]] | None], b: Sequence[Sequence[Sequence[int]] | None]

@@ -187,7 +187,7 @@ def test_captrt_bench_command(tiny_model, tmp_path):
 
 def test_engines_take_turns_run_by_run():
     """Interleaving: every timed round runs each engine once, in order, on the same images."""
-    from captrt.bench.bench import _measure
+    from captrt.bench.timing import measure_rounds
     from captrt.bench.runners import RunSample
 
     calls = []
@@ -206,8 +206,8 @@ def test_engines_take_turns_run_by_run():
             return None
 
     pool = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    recs = _measure([Fake("a"), Fake("b")], pool, batch=1, beam=2, steps=3, warmup=1, iters=3, max_seconds=None,
-                    device="cpu")
+    recs = measure_rounds([Fake("a"), Fake("b")], pool, batch=1, beam=2, steps=3, warmup=1, iters=3,
+                          max_seconds=None, device="cpu")
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
     assert [r["engine"] for r in recs] == ["a", "b"] and all(r["iters"] == 3 for r in recs)
 
