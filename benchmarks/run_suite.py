@@ -97,7 +97,7 @@ def suite_c_lines(c: dict[str, Any], cmd: str) -> list[str]:
             "(the library's own path, as a caller of `caption()` gets it): images/s is the list over the call's "
             "wall time, and the captions of every S are compared image by image (`same captions`). `options` "
             "is ORT fp32 decoding with `num_hypotheses=3, return_scores=True, no_repeat_ngram_size=3, "
-            "min_length=5` (issue 16's options path), beside its default row.", "",
+            "min_length=5` (the decoding controls' options path), beside its default row.", "",
             FLOOR_DEFINITION, "", f"command: `{cmd}`", "",
             "Summary (captrt against the strongest peer, the faster of reference and torch-compile):", "",
             *[f"- {line}" for line in c.get("summary") or []], "",

@@ -239,7 +239,7 @@ def corpus(model: Path, cores: int, n_images: int, rounds: int) -> dict[str, Any
 
 def section(report: dict[str, Any]) -> str:
     lib, cores = report["library"], report["machine"]["cores"]
-    lines = [BEGIN, "## Streams: S searches at once over one model (issue 17)", "",
+    lines = [BEGIN, "## Streams: S searches at once over one model", "",
              f"{report['date']}, {report['machine']['cpu']}, {cores} usable cores; model: {report['model']}; "
              f"beam {BEAM}, {STEPS} steps per caption, fp32. Command: `{report['command']}`. "
              "Method: benchmarks/streams.py's docstring.", "",
