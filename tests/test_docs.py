@@ -85,3 +85,25 @@ def test_the_checker_sees_what_is_broken(tmp_path):
 def test_pages_expected_from_other_branches_are_still_missing():
     arrived = sorted(p for p in EXPECTED_FROM_OTHER_BRANCHES if (ROOT / p).exists())
     assert arrived == [], f"{arrived} exist now: remove them from EXPECTED_FROM_OTHER_BRANCHES"
+
+
+def test_the_readme_python_example_runs_as_printed(demo_sized_export, tmp_path, monkeypatch, capsys):
+    """The README's example, on the demo-sized model, with one readable image and one that is not."""
+    from PIL import Image
+
+    from captrt.runtime import Captioner
+    from tests.conftest import random_images
+
+    model = demo_sized_export[0]
+    [block] = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert '"demo_out/model"' in block and '["a.jpg", "b.png"]' in block
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(random_images(1, seed=5)[0]).save("a.jpg", quality=92)
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    exec(compile(block.replace('"demo_out/model"', repr(str(model))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    with Captioner.load(model) as captioner:
+        [a] = captioner.caption([str(tmp_path / "a.jpg")], beam_size=5)
+    assert printed[0].startswith(f"{a.text} {a.score} (") and printed[0].endswith(", 8, 8)")
+    assert printed[1].startswith("could not read it: ") and "b.png" in printed[1]
+    assert len(printed) == 2
