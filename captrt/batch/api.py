@@ -18,15 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from captrt.batch.ray_mode import RayModeError, run_ray
 from captrt.batch.rows import chunked
 from captrt.batch.shards import FORMATS, Assembler, Chunk, OutputDir, OutputDirError
 from captrt.batch.sources import SourceError, count_paths, iter_paths
 from captrt.progress import Progress
 
-
-class RayModeError(ValueError):
-    """Ray mode cannot run as asked (Ray not installed, a pool larger than the cluster, no cluster at
-    the address): a usage error, exit code 2."""
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SHARD_ROWS = 1000
@@ -213,8 +210,6 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                           decode_threads=decode_threads or (os.cpu_count() or 1), on_rows=bar.update)
                 mode = "local"
             else:
-                from captrt.batch.ray_mode import run_ray
-
                 mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
                                stamp=stamp, address=ray, actors=actors, threads_per_actor=threads_per_actor,
                                batch_size=batch_size, beam=beam, max_steps=max_steps, decoding=decoding,

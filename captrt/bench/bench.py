@@ -31,9 +31,9 @@ from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import OPTIONS_ROW, OptionsRunner, StreamRunner, make_runner
 from captrt.bench.summary import compare_captions, summary_lines
 from captrt.bench.quality import quality_cell, row_quality
-from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS
+from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
-from captrt.runtime.model_dir import ModelDir
+from captrt.runtime.model_dir import ENGINE_PRECISIONS, ModelDir
 
 PEERS = ("reference", "torch-compile")  # the seed's search in PyTorch: eager, and with the encoder compiled
 BENCH_ENGINES = (*ENGINES, *PEERS)

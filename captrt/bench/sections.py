@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SERVE_BEGIN = "<!-- serve:begin -->"
 SERVE_END = "<!-- serve:end -->"
 BATCH_BEGIN = "<!-- batch:begin -->"  # benchmarks/batch.py's section (corpus captioning)
@@ -74,3 +76,16 @@ def append_preserved(new_text: str, old_text: str | None, begin: str = SERVE_BEG
     if kept is None:
         return new_text
     return new_text.rstrip() + "\n\n" + kept + "\n"
+
+
+def write_section(path: str | Path, section: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> None:
+    """Replace the section of the Markdown file at path (or append it; a missing file is created), atomically:
+    RESULTS.md holds every script's numbers, so a run killed mid-write must not lose the others'."""
+    from captrt.atomic import atomic_write_text
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    atomic_write_text(path, replace_section(text, section, begin, end))

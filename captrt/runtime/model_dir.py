@@ -19,6 +19,10 @@ from captrt.runtime.errors import ModelDirError
 from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
 from captrt.vocab import Vocab
 
+# Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
+# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT). Every other precision names a graph variant.
+ENGINE_PRECISIONS = {"bf16": ("openvino",)}
+
 FORMAT = "captrt-model"
 FORMAT_VERSION = 2  # what the exporter writes: 2 added the step graph's decoding controls
 READABLE_VERSIONS = (1, 2)  # version 1 directories still load and decode the default path
@@ -107,8 +111,6 @@ class ModelDir:
     def require_precision(self, precision: str) -> None:
         """Raise ModelDirError unless the graphs `precision` runs on are here. An engine precision (bf16:
         OpenVINO runs the fp32 graphs in bf16) needs the fp32 graphs; every other names a file variant."""
-        from captrt.runtime.engines.base import ENGINE_PRECISIONS
-
         if precision in ENGINE_PRECISIONS:
             precision = "fp32"
         refused = (self.manifest.get("refused") or {}).get(precision)

@@ -39,9 +39,6 @@ if TYPE_CHECKING:  # only for annotations: keeps this module import-light
 ENGINES = ("ort", "trt", "torch", "openvino")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
-# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT). Every other precision names a graph variant.
-ENGINE_PRECISIONS = {"bf16": ("openvino",)}
 
 
 @dataclass
