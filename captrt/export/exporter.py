@@ -19,8 +19,8 @@ from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_mani
                                     write_json)
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
-from captrt.export.parity import (Timer, candidates, caption_parity, make_session, not_measured, numeric_parity,
-                                  parity_report, torch_threads)
+from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity, parity_report,
+                                  search_engine, torch_threads)
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.export.variant_quality import describe_mix, search_int8_variant, verify_engines_here
@@ -372,12 +372,13 @@ class _ParityChecker:
             strict: bool) -> tuple[dict, list[list[int]] | None, dict | None]:
         """-> (parity report, the variant's captions on the parity images, its engine's numerics key);
         (report, None, None) when ONNX Runtime's CPU provider cannot run the graphs (not strict)."""
-        from captrt.runtime.engines.ort import SessionEngine
-
         timer = Timer()
+        dec_bytes = dec.SerializeToString()
         try:
             # One thread for the step: its ops are small, and the parity decode is a long chain of them.
-            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec.SerializeToString(), threads=1)
+            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec_bytes, threads=1)
+            # The captions come from the search users run: the default path's step graph (plain, when it cuts).
+            engine = search_engine(enc_s, dec_bytes, precision=precision, controlled=dec_s)
         except Exception as exc:  # e.g. no CPU kernel for an fp16 operator
             if strict:
                 raise ExportError(f"ONNX Runtime cannot load the {precision} graphs: {exc}") from None
@@ -385,7 +386,6 @@ class _ParityChecker:
                      f"{str(exc).splitlines()[0][:200]})"
             self.log.say(f"{precision} parity {reason}")
             return not_measured(reason), None, None
-        engine = SessionEngine(enc_s, dec_s, candidates(dec_s), precision=precision)
         with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
             numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
             with self.log.bar(len(self.set), f"{precision} beam search") as tick:

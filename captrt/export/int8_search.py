@@ -261,12 +261,10 @@ class TokenJudgement:
 def caption_tokens(encoder: onnx.ModelProto, decoder: onnx.ModelProto, images: np.ndarray, *, start: int, end: int,
                    vocab_size: int, beam_size: int, max_steps: int, batch: int = 16) -> list[list[int]]:
     """Word ids per image by the runtime's batched beam search over CPU sessions of the two graphs."""
-    from captrt.export.parity import candidates, make_session
-    from captrt.runtime.engines.ort import SessionEngine
+    from captrt.export.parity import make_session, search_engine
     from captrt.runtime.verify import search_tokens
 
-    dec_s = make_session(decoder.SerializeToString(), threads=1)  # the step's ops are small: one thread
-    engine = SessionEngine(make_session(encoder.SerializeToString()), dec_s, candidates(dec_s))
+    engine = search_engine(make_session(encoder.SerializeToString()), decoder.SerializeToString())
     return search_tokens(engine, images, start=start, end=end, vocab_size=vocab_size, beam_size=beam_size,
                          max_steps=max_steps, batch_size=batch)
 

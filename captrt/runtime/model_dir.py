@@ -24,6 +24,7 @@ READABLE_VERSIONS = (1, 2)  # version 1 directories still load and decode the de
 MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
 GRAPHS = ("encoder", "decoder_step")
+PLAIN_STEP = "decoder_step_plain"  # check_io's name for the step graph cut without its decoding controls
 # The graphs' tensor names (docs/model-format.md): the exporter writes them, every engine reads them.
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
@@ -155,8 +156,12 @@ class ModelDir:
         least its outputs, and C = captrt.json's max_beam. Raises ModelDirError naming each file."""
         problems = []
         want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if self.controls else (V1_INPUTS, V1_OUTPUTS)
+        # The plain step graph an engine cuts from the format-2 step (captrt.runtime.plain_step) has format 1's I/O.
+        want_in = {**want_in, PLAIN_STEP: V1_INPUTS["decoder_step"]}
+        want_out = {**want_out, PLAIN_STEP: V1_OUTPUTS["decoder_step"]}
         for graph, (inputs, outputs, cand) in ios.items():
-            where = self.graph_path(variant, graph)
+            where = f"{self.graph_path(variant, 'decoder_step')} (cut without its decoding controls)" \
+                if graph == PLAIN_STEP else self.graph_path(variant, graph)
             if sorted(inputs) != sorted(want_in[graph]):
                 problems.append(f"{where}: inputs {inputs} (expected {list(want_in[graph])} for format version "
                                 f"{self.format_version})")

@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from captrt.runtime.engines.ort import SessionEngine, _Closed, session_options
+from captrt.runtime.engines.ort import (SessionEngine, _Closed, cpu_session, plain_step_bytes, session_io,
+                                       session_options)
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.model_dir import PLAIN_STEP
 from captrt.runtime import hardware
 from captrt.runtime.hardware import cpu_model
 
@@ -142,10 +144,7 @@ class OrtGraph:
     inference_precision = "f32"  # ORT's CPU provider computes the graphs' float ops in fp32
 
     def io(self) -> tuple[list[str], list[str], int | None]:
-        outs = self.session.get_outputs()
-        cand = next((o.shape for o in outs if o.name == "cand_logp"), None)
-        last = cand[-1] if cand and isinstance(cand[-1], int) else None
-        return [i.name for i in self.session.get_inputs()], [o.name for o in outs], last
+        return session_io(self.session)
 
 
 class OpenVinoEngine(SessionEngine):
@@ -187,10 +186,27 @@ class OpenVinoEngine(SessionEngine):
         self._ov = import_openvino() if "openvino" in placement.values() else None
         self.cache_dir: Path | None = None
         self._core = self._new_core(model, precision, cache) if self._ov else None
-        graphs = {g: self._load(model, precision, g, g in explicit) for g in ("encoder", "decoder_step")}
-        super().__init__(graphs["encoder"], graphs["decoder_step"], model.max_beam, model=model, device=device,
-                         precision=precision, threads=threads)
-        model.check_io(self.variant, {g: runner.io() for g, runner in graphs.items()})
+        paths = {g: model.graph_path(self.variant, g) for g in ("encoder", "decoder_step")}
+        encoder = self._load(model.read_graph(self.variant, "encoder"), paths["encoder"], precision, "encoder",
+                             "encoder" in explicit)
+        step = model.read_graph(self.variant, "decoder_step")
+        # The default path runs the step graph cut without its decoding controls (captrt.runtime.plain_step);
+        # the format-2 graph is compiled on the first step that has options, where the plain one runs.
+        plain = plain_step_bytes(model, step)
+
+        def open_controlled() -> OvGraph | OrtGraph:
+            runner = self._load(model.read_graph(self.variant, "decoder_step"), paths["decoder_step"], precision,
+                                "decoder_step", "decoder_step" in explicit, lazy=True)
+            model.check_io(self.variant, {"decoder_step": runner.io()})
+            return runner
+
+        decoder = self._load(plain if plain is not None else step, paths["decoder_step"], precision, "decoder_step",
+                             "decoder_step" in explicit)
+        del step
+        super().__init__(encoder, decoder, model.max_beam, model=model, device=device, precision=precision,
+                         threads=threads, open_controlled=open_controlled if plain is not None else None)
+        graphs = {"encoder": encoder, "decoder_step": decoder}
+        model.check_io(self.variant, {"encoder": encoder.io(), (PLAIN_STEP if self.plain else "decoder_step"): decoder.io()})
         self.effective = {g: graphs[g].inference_precision for g in graphs}
         # A graph placed on 'ort' (asked for explicitly) computes in fp32 and is reported as such.
         if precision == "bf16" and any(self.effective[g] != "bf16" for g in graphs if self.placement[g] == "openvino"):
@@ -222,9 +238,12 @@ class OpenVinoEngine(SessionEngine):
             cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0  # never quantize activations on the fly in fp32
         return cfg
 
-    def _load(self, model: "ModelDir", precision: str, graph: str, explicit: bool) -> OvGraph | OrtGraph:
-        data = model.read_graph(self.variant, graph)  # sha256-checked, external data refused
-        path = model.graph_path(self.variant, graph)
+    def _load(self, data: bytes, path: Path, precision: str, graph: str, explicit: bool,
+              lazy: bool = False) -> OvGraph | OrtGraph:
+        """Compile `graph`'s bytes (sha256-checked by ModelDir.read_graph, or cut from such) where its placement
+        says; a graph OpenVINO cannot compile falls back to ONNX Runtime unless placed there explicitly (or bf16).
+        lazy: the format-2 step opened after load; a fallback then leaves the reported placement (the default
+        path's, which the verification covers) as it is and is noted under 'decoder_step (controls)'."""
         if self.placement[graph] == "openvino":
             try:
                 compiled = self._core.compile_model(self._core.read_model(data), "CPU", self._ov_config(precision))
@@ -234,16 +253,12 @@ class OpenVinoEngine(SessionEngine):
                 if explicit or precision == "bf16":
                     raise ModelDirError(f"{path}: OpenVINO {self._ov.__version__} cannot compile this graph: {why}") from None
                 log.warning("%s: OpenVINO cannot compile it (%s); running it in ONNX Runtime", path, why)
-                self.fallbacks[graph] = why
-                self.placement[graph] = "ort"
-        import onnxruntime as ort
-
-        try:
-            session = ort.InferenceSession(data, sess_options=session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
-        return OrtGraph(session)
+                if lazy:
+                    self.fallbacks[f"{graph} (controls)"] = why
+                else:
+                    self.fallbacks[graph] = why
+                    self.placement[graph] = "ort"
+        return OrtGraph(cpu_session(data, path, session_options(self.threads)))
 
     # -- what runs --------------------------------------------------------------------------------
     @property
@@ -281,7 +296,7 @@ class OpenVinoEngine(SessionEngine):
                 "cache_dir": None if self.cache_dir is None else str(self.cache_dir)}
 
     def close(self) -> None:
-        self.encoder = self.decoder = _Closed()  # type: ignore[assignment]
+        self.encoder = self.decoder = self._controlled = _Closed()  # type: ignore[assignment]
         self._core = None
 
 
