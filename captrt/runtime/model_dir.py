@@ -106,11 +106,11 @@ class ModelDir:
 
     def require_precision(self, precision: str) -> None:
         """Raise ModelDirError unless the graphs `precision` runs on are here. An engine precision (bf16:
-        OpenVINO runs the fp32 graphs in bf16) needs the fp32 graphs; every other names a file variant."""
-        from captrt.runtime.engines.base import ENGINE_PRECISIONS
+        OpenVINO runs the fp32 graphs in bf16) needs the graphs of its variant (bf16: fp32's; bf16-int8: the
+        int8 step beside the fp32 encoder); every other names a file variant."""
+        from captrt.runtime.engines.base import ENGINE_VARIANTS
 
-        if precision in ENGINE_PRECISIONS:
-            precision = "fp32"
+        precision = ENGINE_VARIANTS.get(precision, precision)
         refused = (self.manifest.get("refused") or {}).get(precision)
         if precision not in self.graphs and isinstance(refused, dict):
             raise ModelDirError(f"{self.manifest_path}: the {precision} variant was refused at export because it "

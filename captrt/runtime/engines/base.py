@@ -38,10 +38,13 @@ if TYPE_CHECKING:  # only for annotations: keeps this module import-light
 
 ENGINES = ("ort", "trt", "torch", "openvino")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "bf16-int8")
 # Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
-# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT). Every other precision names a graph variant.
-ENGINE_PRECISIONS = {"bf16": ("openvino",)}
+# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT), or the fp32 encoder in bf16 with the int8
+# variant's step ("bf16-int8"). Every other precision names a graph variant.
+ENGINE_PRECISIONS = {"bf16": ("openvino",), "bf16-int8": ("openvino",)}
+# The graph variant an engine precision needs in the model directory (its step's: the encoder is fp32's).
+ENGINE_VARIANTS = {"bf16": "fp32", "bf16-int8": "int8"}
 
 
 @dataclass
