@@ -170,6 +170,12 @@ class SessionEngine(Engine):
                     self._controlled = self._open_controlled()  # type: ignore[misc]
         return self._controlled
 
+    @property
+    def controlled_open(self) -> bool:
+        """True when the step graph with decoding controls is open (always, unless a plain one serves the
+        default path and no step has needed the controls yet)."""
+        return not self.plain or self._controlled is not None
+
     def step_graph(self, controls: StepControls | None) -> Any:
         """The step graph that runs a step fed `controls` (None: no control inputs)."""
         return self.decoder if controls is None else self.controlled_step()
