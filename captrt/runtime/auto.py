@@ -50,7 +50,9 @@ def engine_precisions(model: "ModelDir", engine: str) -> list[str]:
     """The precisions `engine` could run on `model`: its file variants, then the engine's own (OpenVINO bf16)."""
     if engine == "torch":
         return ["fp32"]
-    out = list(model.precisions)
+    # file variants, and those the export refused (listed, never loaded: their files are not there)
+    out = list(dict.fromkeys([*model.precisions, *(p for p in (model.manifest.get("refused") or {})
+                                                   if p not in ENGINE_PRECISIONS and "-" not in p)]))
     for precision, engines in ENGINE_PRECISIONS.items():
         if engine in engines:
             try:
