@@ -240,3 +240,30 @@ def test_caption_json_header_and_service_report_the_choice(copy, tmp_path):
         info = client.get("/v1/model").json()
     assert info["precision"] == "int8" and info["precision_choice"]["candidates"][0]["precision"] == "fp32"
 
+
+
+def test_openvino_bf16_with_the_int8_step_is_verified_and_timed_beside_bf16(copy):
+    """--bf16 on a directory with an int8 variant verifies OpenVINO's bf16 encoder with the int8 step too; auto
+    then loads whichever of the two verified faster here (on a CPU without bf16 units neither runs)."""
+    pytest.importorskip("openvino")
+    from captrt.export.progress import Progress
+    from captrt.export.variant_quality import verify_engines_here
+    from captrt.runtime import hardware
+    from captrt.runtime.engines.openvino import BF16_FLAGS
+
+    manifest = json.loads((copy / "captrt.json").read_text())
+    manifest = verify_engines_here(copy, manifest, [("openvino", "bf16")], 0.99, Progress(False))
+    if not any(f in hardware.all_cpu_flags() for f in BF16_FLAGS):
+        assert set(manifest["not_verified"]) == {"openvino-bf16", "openvino-bf16-int8"}
+        return
+    records = {e["precision"]: e for e in manifest["verification"] if e["engine"] == "openvino"}
+    assert set(records) == {"bf16", "bf16-int8"} and all(r["speed"]["speedup"] > 0 for r in records.values())
+    assert records["bf16-int8"]["key"]["graphs"]["decoder_step"] == {"backend": "ort", "inference_precision": "f32"}
+    assert records["bf16-int8"]["key"]["variant"] == "fp32+int8"
+    passed = {p: r["speed"]["speedup"] for p, r in records.items() if r["report"]["passed"]}
+    choice = choose(ModelDir.load(copy), "openvino", "cpu")
+    faster = [p for p, x in sorted(passed.items(), key=lambda kv: -kv[1]) if x > 1.0]
+    assert choice.chosen == (faster[0] if faster else "fp32")
+    engine = create_engine("openvino", ModelDir.load(copy), precision="bf16-int8", threads=1)
+    assert engine.provider == "openvino:CPU[bf16]+ort:CPU"
+    engine.close()
