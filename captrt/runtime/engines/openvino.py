@@ -160,13 +160,14 @@ class OrtGraph:
 class OpenVinoEngine(SessionEngine):
     """OpenVINO CPU plugin (device 'cpu' only). Options: encoder_on / step_on ('openvino' | 'ort'; default
     DEFAULT_PLACEMENT[precision]), cache (True: OpenVINO's compiled-model cache under MODEL_DIR/cache), streams
-    (NUM_STREAMS: concurrent searches over the one compiled model; Captioner.load sets it)."""
+    (NUM_STREAMS: concurrent searches over the one compiled model; Captioner.load sets it), plain_step (True: the
+    default path runs the step graph cut without its decoding controls; False: the format-2 graph)."""
 
     name = "openvino"
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
                  encoder_on: str | None = None, step_on: str | None = None, cache: bool = True, streams: int = 1,
-                 **options: Any):
+                 plain_step: bool = True, **options: Any):
         if options:
             raise ValueError(f"engine 'openvino': unknown option(s) {sorted(options)}")
         if device != "cpu":
@@ -204,7 +205,7 @@ class OpenVinoEngine(SessionEngine):
         step, step_path = model.read_graph(step_v, "decoder_step"), model.graph_path(step_v, "decoder_step")
         # The default path runs the step graph cut without its decoding controls (captrt.runtime.plain_step);
         # the format-2 graph is compiled on the first step that has options, where the plain one runs.
-        plain = plain_step_bytes(model, step)
+        plain = plain_step_bytes(model, step) if plain_step else None
 
         def open_controlled() -> OvGraph | OrtGraph:
             runner = self._load(model.read_graph(step_v, "decoder_step"), step_path, precision, "decoder_step",

@@ -214,14 +214,16 @@ class SessionEngine(Engine):
 class OrtEngine(SessionEngine):
     """ONNX Runtime. Options: providers ('cpu' | 'cuda' | 'tensorrt'; default from device),
     device_id (0), max_batch / opt_batch / opt_beam (TensorRT profiles), log_level (3),
-    io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast)."""
+    io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast), plain_step
+    (True: the default path runs the step graph cut without its decoding controls; False: the format-2
+    graph with neutral controls, as benchmarks compare)."""
 
     name = "ort"
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, providers: str | None = None, device_id: int = 0,
                  max_batch: int = 32, opt_batch: int = 8, opt_beam: int = 5, log_level: int = 3,
-                 io_binding: bool | None = None, **options: Any):
+                 io_binding: bool | None = None, plain_step: bool = True, **options: Any):
         if options:
             raise ValueError(f"engine 'ort': unknown option(s) {sorted(options)}")
         kind = providers or device
@@ -249,7 +251,7 @@ class OrtEngine(SessionEngine):
         # The default path runs the step graph cut without its decoding controls; the format-2 graph opens on the
         # first step that has options. Not under the TensorRT EP: a second graph there is a second engine build
         # (minutes), for a processing that costs a few small kernels on the GPU.
-        plain = plain_step_bytes(model, step) if kind != "tensorrt" else None
+        plain = plain_step_bytes(model, step) if kind != "tensorrt" and plain_step else None
 
         def open_controlled() -> ort.InferenceSession:
             session = self._session(model.read_graph(variant, "decoder_step"), step_path, so, None)
