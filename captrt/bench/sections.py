@@ -4,7 +4,8 @@
 `benchmarks/batch.py` between ``<!-- batch:begin -->`` and ``<!-- batch:end -->``,
 `benchmarks/precisions.py` between ``<!-- precisions:begin -->`` and ``<!-- precisions:end -->``,
 `benchmarks/decoding.py` between ``<!-- decoding:begin -->`` and ``<!-- decoding:end -->``,
-`benchmarks/streams.py` between ``<!-- streams:begin -->`` and ``<!-- streams:end -->``;
+`benchmarks/streams.py` between ``<!-- streams:begin -->`` and ``<!-- streams:end -->``,
+`benchmarks/precision_auto.py` between ``<!-- auto:begin -->`` and ``<!-- auto:end -->``;
 `benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
@@ -22,9 +23,12 @@ DECODING_BEGIN = "<!-- decoding:begin -->"  # benchmarks/decoding.py: the decodi
 DECODING_END = "<!-- decoding:end -->"
 STREAMS_BEGIN = "<!-- streams:begin -->"  # benchmarks/streams.py: S x T, memory, service and corpus
 STREAMS_END = "<!-- streams:end -->"
+AUTO_BEGIN = "<!-- auto:begin -->"  # benchmarks/precision_auto.py: auto, the int8 step alone, the plain step graph
+AUTO_END = "<!-- auto:end -->"
 # Every section run_suite.py carries over, in the order it appends them.
 PRESERVED = ((SERVE_BEGIN, SERVE_END), (BATCH_BEGIN, BATCH_END), (OPENVINO_BEGIN, OPENVINO_END),
-             (PRECISIONS_BEGIN, PRECISIONS_END), (DECODING_BEGIN, DECODING_END), (STREAMS_BEGIN, STREAMS_END))
+             (PRECISIONS_BEGIN, PRECISIONS_END), (DECODING_BEGIN, DECODING_END), (STREAMS_BEGIN, STREAMS_END),
+             (AUTO_BEGIN, AUTO_END))
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
