@@ -219,6 +219,7 @@ def test_caption_json_header_and_service_report_the_choice(copy, tmp_path):
     from PIL import Image
 
     _edit(copy, _set("int8", speedup=1.5))
+    _edit(copy, _set("fp16", speedup=1.1))
     image = tmp_path / "a.png"
     Image.fromarray(random_images(1)[0]).save(image)
     result = CliRunner().invoke(app, ["caption", str(image), "--model", str(copy), "--precision", "auto", "--json"])
@@ -267,3 +268,23 @@ def test_openvino_bf16_with_the_int8_step_is_verified_and_timed_beside_bf16(copy
     engine = create_engine("openvino", ModelDir.load(copy), precision="bf16-int8", threads=1)
     assert engine.provider == "openvino:CPU[bf16]+ort:CPU"
     engine.close()
+
+
+def test_batch_and_bench_resolve_auto_once(copy, tmp_path):
+    from PIL import Image
+
+    from captrt.batch import run_batch
+    from captrt.bench.bench import plan_configs
+
+    _edit(copy, _set("int8", speedup=1.5))
+    _edit(copy, _set("fp16", speedup=1.1))
+    choices: dict = {}
+    pairs, _ = plan_configs(ModelDir.load(copy), ["ort"], ["auto", "fp32"], "cpu", choices)
+    assert pairs == [("ort", "int8"), ("ort", "fp32")] and choices["ort"]["chosen"] == "int8"
+    images = tmp_path / "in"
+    images.mkdir()
+    for i, pixels in enumerate(random_images(3, seed=4)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    result = run_batch([str(images)], copy, tmp_path / "out", precision="auto", fmt="jsonl", progress=False)
+    rows = [json.loads(x) for f in sorted((tmp_path / "out").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    assert result.captioned == 3 and {r["precision"] for r in rows} == {"int8"}
