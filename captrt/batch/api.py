@@ -165,7 +165,8 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
     captioner = None
     # Ray mode loads once here too when the precision needs a quality verification: a missing or failed one is
     # refused in one line before any actor starts (and a first verification is cached for this machine's actors).
-    if ray is None or (precision != "fp32" and not allow_unverified):
+    # precision="auto" is chosen once here, so that every actor and row uses the same one.
+    if ray is None or precision == "auto" or (precision != "fp32" and not allow_unverified):
         from captrt.runtime.captioner import Captioner
 
         try:
@@ -173,6 +174,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
                                        **load_options)
         except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
             raise BatchUsageError(str(exc)) from None
+        load_options["precision"] = captioner.engine.precision  # what "auto" chose (else what was asked)
         if ray is not None:
             captioner.close()
             captioner = None
@@ -190,7 +192,7 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         assembler = Assembler(output, on_shard=on_shard)
         skipped = [0]
         chunks = _todo(sources, split, output, skipped)
-        stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": precision}
+        stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": load_options["precision"]}
         start = time.monotonic()
         startup = [0.0]
 

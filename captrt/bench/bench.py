@@ -31,6 +31,7 @@ from captrt.bench.report import format_table, write_json
 from captrt.bench.runners import OPTIONS_ROW, OptionsRunner, StreamRunner, make_runner
 from captrt.bench.summary import compare_captions, summary_lines
 from captrt.bench.quality import quality_cell, row_quality
+from captrt.runtime.auto import AUTO, choose
 from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ENGINE_PRECISIONS, ModelDir
@@ -80,14 +81,16 @@ def check_names(engines: Sequence[str], precisions: Sequence[str]) -> None:
         if e not in BENCH_ENGINES:
             raise ValueError(f"engine: unknown engine {e!r}; choose from {', '.join(BENCH_ENGINES)}")
     for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+        if p not in PRECISIONS and p != AUTO:
+            raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}, {AUTO}")
 
 
-def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str]
-                 ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str], device: str = "cpu",
+                 choices: dict[str, dict] | None = None) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """(engine, precision) pairs to run, validated against the model directory, and the pairs that do not
-    exist ({"engine", "precision", "reason"}: an engine precision of another engine, e.g. ort bf16)."""
+    exist ({"engine", "precision", "reason"}: an engine precision of another engine, e.g. ort bf16).
+    'auto' becomes the precision Captioner.load(precision="auto") would choose for each engine here
+    (captrt.runtime.auto.choose); `choices` receives engine -> that choice."""
     check_names(engines, precisions)
     pairs: list[tuple[str, str]] = []
     skipped: list[dict[str, str]] = []
@@ -96,13 +99,20 @@ def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[s
             pairs.append((e, "fp32"))
             continue
         for p in precisions:
+            if p == AUTO:
+                choice = choose(model, e, device).to_dict()
+                if choices is not None:
+                    choices[e] = choice
+                p = choice["chosen"]
+                if (e, p) in pairs or p in precisions:
+                    continue
             owners = ENGINE_PRECISIONS.get(p)
             if owners is not None and e not in owners:
                 skipped.append({"engine": e, "precision": p, "reason": f"{p} is an engine precision of "
                                 f"{' / '.join(owners)} only (it runs the fp32 graphs in {p})"})
                 continue
             if e in ("ort", "openvino"):
-                model.require_precision("fp32" if owners else p)  # names the directory and what it has
+                model.require_precision(p)  # names the directory and what it has
             pairs.append((e, p))
     return pairs, skipped
 
@@ -161,7 +171,8 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     if too_wide:
         raise ValueError(f"beam: {max(too_wide)} exceeds max_beam {mdir.max_beam} of {mdir.manifest_path} "
                          f"(re-export with --max-beam {max(too_wide)} for wider beams)")
-    pairs, not_pairs = plan_configs(mdir, engine_list, precision_list)
+    auto_choices: dict[str, dict] = {}
+    pairs, not_pairs = plan_configs(mdir, engine_list, precision_list, device, auto_choices)
     stream_threads = threads  # None: each stream count gets the cores // S
     threads = threads or usable_cores()
     log = _logger(progress)
@@ -182,7 +193,10 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
                      "images": pool.source, "max_seconds": max_seconds, "streams": stream_list,
                      "stream_threads": stream_threads, "decoding": OPTIONS_ROW if decoding else None},
         "floor": floor, "results": [], "skipped": list(not_pairs),
+        **({"auto": auto_choices} if auto_choices else {}),
     }
+    for e, choice in auto_choices.items():
+        log(f"{e} auto: {choice['chosen']} ({choice['reason']})")
     for s in not_pairs:
         log(f"skipping {s['engine']} {s['precision']}: {s['reason']}")
     # All engines are loaded at once and take turns run by run (see _measure): this machine's speed

@@ -97,6 +97,11 @@ def create_app(config: ServeConfig, *, captioner: Captioner | None = None,
             state.batcher = batcher
             metrics.ready.set(1)
             log.info("captrt serve: ready in %.1f s: %s", time.perf_counter() - started, state.captioner)
+            choice = getattr(state.captioner, "precision_choice", None)
+            if choice is not None:  # precision="auto": what it chose, and every candidate with why
+                log.info("captrt serve: precision auto chose %s: %s; candidates: %s", choice.chosen, choice.reason,
+                         "; ".join(f"{c['precision']} {c['status']}" + (f" {c['speedup']:.2f}x" if "speedup" in c
+                                                                        else "") for c in choice.candidates))
 
         loader = loop.create_task(load_then_start())
         try:
