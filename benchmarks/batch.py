@@ -36,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from captrt.bench.sections import BATCH_BEGIN as BEGIN, BATCH_END as END, write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-from captrt.bench.sections import BATCH_BEGIN as BEGIN, BATCH_END as END, write_section  # noqa: E402
 CONFIGS = ("caption", "local", "ray_1x2", "ray_2x1")
 SHARD_ROWS = 32
 BEAM, BATCH = 5, 16

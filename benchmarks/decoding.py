@@ -50,9 +50,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from captrt.bench.sections import DECODING_BEGIN, DECODING_END, write_section  # run_suite.py keeps this section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-from captrt.bench.sections import DECODING_BEGIN, DECODING_END, write_section  # run_suite.py keeps this section
 TARGET = 1.03  # format 2 over format 1 on the default path, per image
 BEAM = 5
 OLD_DIR = "model-format1"

@@ -5,8 +5,8 @@
 
 A real `captrt serve` on a free loopback port serves the model; Debian's Chromium (headless, driven by
 Playwright, as in tests/serve/test_ui.py) opens the page, captions two scenes of the dataset's test
-split (images the model never trained on) at the page's default beam size, and focuses the second
-word of the first caption, so its attention map lies over the image. The captions are printed, and a
+split (images the model never trained on) at the page's default beam size, and focuses one word of
+the first caption (--word, counted from 0), so its attention map lies over the image. The captions are printed, and a
 caption holding <unk> (an untrained model's output) is refused: the picture must show the model working.
 """
 
@@ -34,7 +34,7 @@ def split_images(data: Path, pick: list[int]) -> list[Path]:
     return [entries[i].path for i in pick]
 
 
-def shoot(model: Path, images: list[Path], out: Path, log: Path) -> list[str]:
+def shoot(model: Path, images: list[Path], word_index: int, out: Path, log: Path) -> list[str]:
     """Serve `model`, caption `images` on its page, write the full-page screenshot to `out`; the captions."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -55,7 +55,10 @@ def shoot(model: Path, images: list[Path], out: Path, log: Path) -> list[str]:
                 texts = [captions.nth(i).inner_text().strip() for i in range(len(images))]
                 if any("<unk>" in t or not t for t in texts):
                     raise SystemExit(f"screenshot: the model's captions are {texts}: train it first (make demo)")
-                word = captions.nth(0).get_by_test_id("word").nth(1)
+                words = captions.nth(0).get_by_test_id("word")
+                if word_index >= words.count():
+                    raise SystemExit(f"screenshot: --word {word_index}: the first caption, {texts[0]!r}, is shorter")
+                word = words.nth(word_index)
                 word.hover()
                 word.focus()
                 expect(word).to_have_attribute("aria-pressed", "true")
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "demo_out" / "model", help="a `captrt export` model directory")
     ap.add_argument("--data", type=Path, default=ROOT / "demo_out" / "synth" / "dataset_synth.json",
                     help="a Karpathy JSON whose test split holds the images to caption")
-    ap.add_argument("--pick", default="0,1", help="which test images (positions in the split), comma-separated")
+    ap.add_argument("--pick", default="10,34", help="which test images (positions in the split), comma-separated; "
+                    "the README's picture: 10,34 of a make demo run, two scenes its model captions correctly")
+    ap.add_argument("--word", type=int, default=3, help="which word of the first caption has the focus (from 0)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "serve-ui.png")
     args = ap.parse_args(argv)
     if not (args.model / "captrt.json").is_file():
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="captrt-screenshot.") as tmp:
         try:
-            captions = shoot(args.model, images, args.out, Path(tmp) / "server.log")
+            captions = shoot(args.model, images, args.word, args.out, Path(tmp) / "server.log")
         except ServeProcessError as exc:
             print(f"screenshot: {exc}", file=sys.stderr)
             return 1
