@@ -372,11 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(text)
         return 0
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import replace_section
+    from captrt.bench.sections import write_section
 
-    previous = args.results.read_text(encoding="utf-8") if args.results.is_file() else ""
-    atomic_write_text(args.results, replace_section(previous, text, AUTO_BEGIN, AUTO_END))
+    write_section(args.results, text, AUTO_BEGIN, AUTO_END)
     print(text)
     return 0
 

@@ -41,8 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from captrt.bench.load import (RoundResult, Upload, batch_delta, load_uploads, run_round, scrape, server_flags, stop_all,
-                               summarize_mode)
+from captrt.bench.load import (REQUEST_TIMEOUT_S, STOP_TIMEOUT_S, RoundResult, Upload, batch_counters,  # noqa: F401
+                               batch_delta, classify, load_uploads, run_round, scrape, server_flags, stop_all,
+                               summarize_mode)  # noqa: F401 (protocols.py and ray_serve.py reach them through here)
 from captrt.bench.sections import write_section
 from captrt.bench.serve_process import ServeProcess, ServeProcessError
 

@@ -10,10 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Pages that other branches add and that this branch already links to. Remove this allow-list once they
-# are merged: the last test fails as soon as one of them exists, as a reminder.
-EXPECTED_FROM_OTHER_BRANCHES = {"docs/gpu.md", "docs/ray-serve.md", "docs/precision-auto.md",
-                                "docs/open-inference-protocol.md", "docs/security.md"}
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -53,8 +49,7 @@ def broken(page: Path, root: Path = ROOT) -> list[str]:
         dest = (page.parent / path).resolve() if path else page
         rel = dest.relative_to(root).as_posix() if dest.is_relative_to(root) else str(dest)
         if not dest.exists():
-            if rel not in EXPECTED_FROM_OTHER_BRANCHES:
-                problems.append(f"{target}: no file {rel}")
+            problems.append(f"{target}: no file {rel}")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             problems.append(f"{target}: {rel} has no heading with the anchor #{anchor}")
     return problems
@@ -80,11 +75,6 @@ def test_the_checker_sees_what_is_broken(tmp_path):
                     "[no](docs/b.md#other) `[code](docs/none.md)`\n```\n[code](none.md)\n```\n# Top\n")
     assert broken(page, tmp_path) == ["docs/none.png: no file docs/none.png",
                             "docs/b.md#other: docs/b.md has no heading with the anchor #other"]
-
-
-def test_pages_expected_from_other_branches_are_still_missing():
-    arrived = sorted(p for p in EXPECTED_FROM_OTHER_BRANCHES if (ROOT / p).exists())
-    assert arrived == [], f"{arrived} exist now: remove them from EXPECTED_FROM_OTHER_BRANCHES"
 
 
 def test_the_readme_python_example_runs_as_printed(demo_sized_export, tmp_path, monkeypatch, capsys):
