@@ -36,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from captrt.bench.sections import BATCH_BEGIN as BEGIN, BATCH_END as END, write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-from captrt.bench.sections import BATCH_BEGIN as BEGIN, BATCH_END as END  # noqa: E402
 CONFIGS = ("caption", "local", "ray_1x2", "ray_2x1")
 SHARD_ROWS = 32
 BEAM, BATCH = 5, 16
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render(runs, costs, args, model_note)
         print(section)
         if not args.no_write:
-            write_section(args.results, section)
+            write_section(args.results, section, BEGIN, END)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -214,14 +215,6 @@ def render(runs: dict[str, list[dict]], costs: dict, args: argparse.Namespace, m
               f"~{rates['ray_2x1'][2]:.0f} s + actor start. The driver's share (listing, ray.put of {SHARD_ROWS}-row "
               "blocks, writing shards) is well under 1 ms per image, so one driver feeds tens of nodes.", END]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import replace_section
-
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    atomic_write_text(path, replace_section(text, section, BEGIN, END))
 
 
 if __name__ == "__main__":

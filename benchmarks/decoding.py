@@ -50,11 +50,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from captrt.bench.sections import DECODING_BEGIN, DECODING_END, write_section  # run_suite.py keeps this section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))  # run_suite.default_work: the suite model's cache
-
-from captrt.bench.sections import DECODING_BEGIN, DECODING_END  # noqa: E402  (its markers: run_suite.py keeps the section)
 TARGET = 1.03  # format 2 over format 1 on the default path, per image
 BEAM = 5
 OLD_DIR = "model-format1"
@@ -138,14 +137,13 @@ def format_one_copy(model: Path, out: Path, log: Callable[[str], None]) -> Path:
 def resolve_model(name: str, work: Path | None, rebuild: bool, log: Callable[[str], None]) -> tuple[Path, Path, str]:
     """(model directory, work directory, label)."""
     if name == "seed":
-        from captrt.bench.suite_model import suite_model_dir
-        from run_suite import default_work
+        from captrt.bench.suite_model import default_work, suite_model_dir
 
         work = work or default_work()
         log(f"seed-sized suite model (exported once, cached in {work})")
         return suite_model_dir(work, rebuild=rebuild), work, "seed"
     if name == "demo":
-        from run_suite import default_work
+        from captrt.bench.suite_model import default_work
 
         work = work or default_work().parent / "bench-decoding-demo"
         log(f"demo-sized random-weight model (exported once, cached in {work})")
@@ -428,11 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(text)
         return 0
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import replace_section
-
-    previous = args.results.read_text(encoding="utf-8") if args.results.is_file() else ""
-    atomic_write_text(args.results, replace_section(previous, text, DECODING_BEGIN, DECODING_END))
+    write_section(args.results, text, DECODING_BEGIN, DECODING_END)
     print(text)
     return 0
 

@@ -97,11 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(text)
         return 0
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import PRECISIONS_BEGIN, PRECISIONS_END, replace_section
+    from captrt.bench.sections import PRECISIONS_BEGIN, PRECISIONS_END, write_section
 
-    old = args.results.read_text(encoding="utf-8") if args.results.is_file() else ""
-    atomic_write_text(args.results, replace_section(old, text, PRECISIONS_BEGIN, PRECISIONS_END))
+    write_section(args.results, text, PRECISIONS_BEGIN, PRECISIONS_END)
     print(text)
     return 0
 

@@ -394,14 +394,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(path: Path, text: str) -> None:
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import PROTOCOLS_BEGIN, PROTOCOLS_END, replace_section
+    from captrt.bench.sections import PROTOCOLS_BEGIN, PROTOCOLS_END, write_section
 
-    try:
-        old = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        old = ""
-    atomic_write_text(path, replace_section(old, text, PROTOCOLS_BEGIN, PROTOCOLS_END))
+    write_section(path, text, PROTOCOLS_BEGIN, PROTOCOLS_END)
 
 
 if __name__ == "__main__":

@@ -376,12 +376,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: Path, text: str) -> int:
-    from captrt.atomic import atomic_write_text
-    from captrt.bench.sections import replace_section
+    from captrt.bench.sections import write_section
 
     print(text)
-    old = results.read_text(encoding="utf-8") if results.exists() else ""
-    atomic_write_text(results, replace_section(old, text, BEGIN, END))
+    write_section(results, text, BEGIN, END)
     log(f"[ray-serve bench] wrote the Ray Serve section of {results}")
     return 0
 

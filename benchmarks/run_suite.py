@@ -20,11 +20,12 @@ RESULTS.md is rewritten whole, except the service section that benchmarks/serve.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from captrt.bench.suite_model import default_work
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -33,12 +34,6 @@ SUITE_B = {"batches": "1,8", "beams": "1,5", "steps": None}
 SUITE_C = {"engines": "ort,reference,torch-compile", "precisions": "fp32", "batches": "1,4", "beams": "5", "steps": 16,
            "streams": "1,2", "decoding": True}
 RUNS = {"full": {"warmup": 2, "iters": 10, "max_seconds": 60.0}, "quick": {"warmup": 1, "iters": 3, "max_seconds": 15.0}}
-
-
-def default_work() -> Path:
-    """Outside the repository: the suite's checkpoint and model directory are ~0.5 GB."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "captrt" / "bench-suite"
 
 
 def bench_command(model: Path, cfg: dict[str, Any], runs: dict[str, Any], json_out: Path, extra: str = "") -> str:
@@ -102,7 +97,7 @@ def suite_c_lines(c: dict[str, Any], cmd: str) -> list[str]:
             "(the library's own path, as a caller of `caption()` gets it): images/s is the list over the call's "
             "wall time, and the captions of every S are compared image by image (`same captions`). `options` "
             "is ORT fp32 decoding with `num_hypotheses=3, return_scores=True, no_repeat_ngram_size=3, "
-            "min_length=5` (issue 16's options path), beside its default row.", "",
+            "min_length=5` (the decoding controls' options path), beside its default row.", "",
             FLOOR_DEFINITION, "", f"command: `{cmd}`", "",
             "Summary (captrt against the strongest peer, the faster of reference and torch-compile):", "",
             *[f"- {line}" for line in c.get("summary") or []], "",

@@ -1,4 +1,4 @@
-"""Streams (issue 17): S searches at once over one loaded model, T threads each, measured side by side.
+"""Streams: S searches at once over one loaded model, T threads each, measured side by side.
 
     python benchmarks/streams.py                 # the seed-sized suite model (~15 min on 2 cores)
     python benchmarks/streams.py --quick         # fewer rounds and images: checks the pipeline
@@ -13,7 +13,7 @@ machine's drift hits all of them alike):
 - memory: one fresh process per engine and S (T = cores / S): resident memory after loading and
   captioning a few images with S callers (VmRSS), so a second stream's cost is what it adds.
 - service: `captrt serve --streams 1` (T = cores) and `--streams 2 --threads 1` side by side, closed
-  loop at concurrency 32 (benchmarks/serve.py's client), ABBA rounds; images/s and p99.
+  loop at concurrency 32 (captrt.bench.load, benchmarks/serve.py's client), ABBA rounds; images/s and p99.
 - corpus: `captrt batch` local mode (run_batch) with --streams 1 and 2, in fresh processes, ABAB.
 The results go between `<!-- streams:begin -->` and `<!-- streams:end -->` in RESULTS.md.
 """
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,10 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from captrt.bench.sections import STREAMS_BEGIN as BEGIN, STREAMS_END as END, write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-from captrt.bench.sections import STREAMS_BEGIN as BEGIN, STREAMS_END as END  # noqa: E402
+DEMO_IMAGES = ROOT / "demo_out" / "synth" / "dataset_synth.json"  # make demo's scenes, when they are there
 BEAM = 5
 # Steps per caption: the suite's random-weight model never emits <end>, so its captions would all run the
 # 50-step limit; 16 is the bench suite's forced length, about a trained model's (COCO captions: ~10 words).
@@ -151,18 +151,16 @@ def memory(model: Path, cores: int, engines: list[str]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- service
 
 def service(model: Path, cores: int, rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
-    import benchmarks.serve as sb
+    from captrt.bench import load
     from captrt.bench.serve_process import ServeProcess
 
-    uploads, _ = sb.load_uploads(sb.DEFAULT_IMAGES) if sb.DEFAULT_IMAGES.exists() else (None, None)
-    if uploads is None:
-        uploads = _jpeg_uploads(sb)
+    uploads = load.load_uploads(DEMO_IMAGES)[0] if DEMO_IMAGES.exists() else _jpeg_uploads()
     flags = {"s1": ["--streams", "1", "--threads", str(cores)], "s2": ["--streams", "2", "--threads", "1"]}
     servers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="captrt-streams-bench.") as logs:
         try:
             for name, extra in flags.items():
-                servers[name] = ServeProcess(model, *sb.server_flags(16, "fp32", None), *extra,
+                servers[name] = ServeProcess(model, *load.server_flags(16, "fp32", None), *extra,
                                              log=Path(logs) / f"{name}.log", name=name)
             for s in servers.values():
                 s.wait_ready()
@@ -171,32 +169,34 @@ def service(model: Path, cores: int, rounds: int, seconds: float, concurrency: i
             async def run() -> dict[str, list]:
                 results: dict[str, list] = {k: [] for k in servers}
                 for k in servers:  # warm-up, not measured
-                    await sb.run_round(servers[k], uploads, concurrency, max_requests=2 * concurrency,
-                                       seconds=seconds, params=params)
+                    await load.run_round(servers[k], uploads, concurrency, max_requests=2 * concurrency,
+                                         seconds=seconds, params=params)
                 for r in range(rounds):
                     for k in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                        res = await sb.run_round(servers[k], uploads, concurrency, max_requests=2000,
-                                                 seconds=seconds, params=params)
+                        res = await load.run_round(servers[k], uploads, concurrency, max_requests=2000,
+                                                   seconds=seconds, params=params)
                         results[k].append(res)
                         log(f"  serve {k} round {r + 1}: {res.images_per_s:.2f} images/s")
                 return results
 
             results = asyncio.run(run())
         finally:
-            sb.stop_all(servers)
-    return {k: sb.summarize_mode(k, 16, concurrency, v, {}) for k, v in results.items()}
+            load.stop_all(servers)
+    return {k: load.summarize_mode(k, 16, concurrency, v, {}) for k, v in results.items()}
 
 
-def _jpeg_uploads(sb) -> list:
+def _jpeg_uploads() -> list:
     import io
 
     from PIL import Image
+
+    from captrt.bench.load import Upload
 
     out = []
     for i, im in enumerate(images(16, seed=3)):
         buf = io.BytesIO()
         Image.fromarray(im).resize((640, 480)).save(buf, "JPEG", quality=90)
-        out.append(sb.Upload(f"img{i}.jpg", buf.getvalue(), "image/jpeg"))
+        out.append(Upload(f"img{i}.jpg", buf.getvalue(), "image/jpeg"))
     return out
 
 
@@ -239,7 +239,7 @@ def corpus(model: Path, cores: int, n_images: int, rounds: int) -> dict[str, Any
 
 def section(report: dict[str, Any]) -> str:
     lib, cores = report["library"], report["machine"]["cores"]
-    lines = [BEGIN, "## Streams: S searches at once over one model (issue 17)", "",
+    lines = [BEGIN, "## Streams: S searches at once over one model", "",
              f"{report['date']}, {report['machine']['cpu']}, {cores} usable cores; model: {report['model']}; "
              f"beam {BEAM}, {STEPS} steps per caption, fp32. Command: `{report['command']}`. "
              "Method: benchmarks/streams.py's docstring.", "",
@@ -274,13 +274,6 @@ def section(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    from captrt.bench.sections import replace_section
-
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    path.write_text(replace_section(old, text, BEGIN, END), encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="a model directory (default: the seed-sized suite model)")
@@ -295,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if model is None:
-        from benchmarks.run_suite import default_work
-        from captrt.bench.suite_model import suite_model_dir
+        from captrt.bench.suite_model import default_work, suite_model_dir
 
         model = suite_model_dir(default_work())
     cores = usable_cores()
@@ -319,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         report["corpus"] = corpus(model, cores, 16 if args.quick else 64, 2)
     print(json.dumps(report, indent=1, default=str))
     if not args.no_write and "library" in report:
-        write_section(args.results, section(report))
+        write_section(args.results, section(report), BEGIN, END)
         log(f"[streams] wrote the streams section of {args.results}")
     return 0
 

@@ -72,7 +72,35 @@ def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 8
         print(line)
     summary = {"bleu4": result.metrics.get("BLEU-4"), "seconds": round(time.time() - t0, 1)}
     _say(f"demo done in {summary['seconds']:.0f} s: test BLEU-4 {summary['bleu4']:.3f}")
+    for line in serve_hint(out / "model"):
+        print(line)
     return summary
+
+
+def serve_hint(model: Path) -> list[str]:
+    """The command that serves the demo's model and the address of its page, as the user can paste them: the
+    captrt script beside the running interpreter (make demo's .venv/bin/captrt) when there is one."""
+    import shlex
+    import sys
+
+    from captrt.serve.config import ServeConfig
+
+    script = Path(sys.executable).parent / "captrt"
+    if not script.is_file():
+        command = "captrt"
+    else:
+        try:
+            command = str(script.relative_to(Path.cwd()))
+        except ValueError:
+            command = str(script)
+    try:
+        model = model.resolve().relative_to(Path.cwd())
+    except ValueError:
+        model = model.resolve()
+    defaults = ServeConfig(model=str(model))
+    return ["", "Serve the model and caption your own images in the browser:",
+            f"  {shlex.quote(command)} serve --model {shlex.quote(str(model))}",
+            f"  then open http://{defaults.host}:{defaults.port}/"]
 
 
 def precision_lines(manifest: dict, bench: dict) -> list[str]:

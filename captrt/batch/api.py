@@ -18,16 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from captrt.batch.ray_mode import RayModeError, run_ray
 from captrt.batch.rows import chunked
 from captrt.batch.shards import FORMATS, Assembler, Chunk, OutputDir, OutputDirError
 from captrt.batch.sources import SourceError, count_paths, iter_paths
 from captrt.checks import check_int
 from captrt.progress import Progress
 
-
-class RayModeError(ValueError):
-    """Ray mode cannot run as asked (Ray not installed, a pool larger than the cluster, no cluster at
-    the address): a usage error, exit code 2."""
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SHARD_ROWS = 1000
@@ -130,15 +127,13 @@ def run_batch(sources: Sequence[str], model: str | os.PathLike, out_dir: str | o
         chunks = _todo(sources, split, output, skipped)
         clock = _Clock(bar)
         # What run_local and run_ray share: every row stamped alike, the same decoding, one progress bar.
-        common = {"stamp": {"model_id": model_dir.model_id, "engine": engine, "precision": precision},
-                  "batch_size": batch_size, "beam": beam, "max_steps": max_steps, "decoding": decoding,
+        stamp = {"model_id": model_dir.model_id, "engine": engine, "precision": load_options["precision"]}
+        common = {"stamp": stamp, "batch_size": batch_size, "beam": beam, "max_steps": max_steps, "decoding": decoding,
                   "on_rows": bar.update}
         try:
             if ray is None:
                 mode = _run_local(chunks, captioner, assembler, decode_threads, common)
             else:
-                from captrt.batch.ray_mode import run_ray
-
                 mode = run_ray(chunks, assembler, model=str(Path(model).resolve()), load_options=load_options,
                                address=ray, actors=actors, threads_per_actor=threads_per_actor, decode=decode,
                                ray_init=ray_init, on_started=clock.started, **common)
@@ -221,8 +216,10 @@ def _load_here(model: str | os.PathLike, load_options: dict[str, Any], *, ray: s
                streams: int | str | None, oversubscribe: bool) -> Any:
     """The Captioner local mode runs, or None in Ray mode. Ray mode loads once here too when the precision needs
     a quality verification: a missing or failed one is refused in one line before any actor starts (and a first
-    verification is cached for this machine's actors)."""
-    if ray is not None and (load_options["precision"] == "fp32" or load_options["allow_unverified"]):
+    verification is cached for this machine's actors). precision="auto" is chosen once here, so that every actor
+    and row uses the same one: load_options["precision"] becomes the choice."""
+    precision = load_options["precision"]
+    if ray is not None and precision != "auto" and (precision == "fp32" or load_options["allow_unverified"]):
         return None
     from captrt.runtime.captioner import Captioner
     from captrt.runtime.errors import EngineUnavailableError, ModelDirError
@@ -232,6 +229,7 @@ def _load_here(model: str | os.PathLike, load_options: dict[str, Any], *, ray: s
                                    **load_options)
     except (ModelDirError, EngineUnavailableError, ValueError, TypeError) as exc:
         raise BatchUsageError(str(exc)) from None
+    load_options["precision"] = captioner.engine.precision  # what "auto" chose (else what was asked)
     if ray is not None:
         captioner.close()
         return None

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from captrt.batch.rows import error_row, result_rows
+from captrt.batch.rows import error_row, read_or_error, result_rows
 from captrt.batch.shards import Assembler, Chunk
 
 
@@ -31,7 +31,7 @@ def decode_ahead(items: Iterable[tuple[int, str]], read: Callable[[str], np.ndar
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="captrt-decode") as pool:
         try:
             for index, path in items:
-                pending.append((index, path, pool.submit(_read_or_error, read, path)))
+                pending.append((index, path, pool.submit(read_or_error, read, path)))
                 if len(pending) >= lookahead:
                     i, p, fut = pending.popleft()
                     yield i, p, fut.result()
@@ -41,15 +41,6 @@ def decode_ahead(items: Iterable[tuple[int, str]], read: Callable[[str], np.ndar
         finally:  # interrupted (Ctrl-C, an error): drop what was queued, don't decode the rest
             for _, _, fut in pending:
                 fut.cancel()
-
-
-def _read_or_error(read: Callable[[str], np.ndarray], path: str) -> np.ndarray | str:
-    from captrt.runtime.preprocess import InvalidImageError
-
-    try:
-        return read(path)
-    except (InvalidImageError, OSError) as exc:
-        return str(exc) or f"{path}: unreadable image"
 
 
 def run_local(chunks: Iterable[Chunk], captioner: Any, assembler: Assembler, *, read: Callable[[str], np.ndarray],

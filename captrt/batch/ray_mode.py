@@ -27,8 +27,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from captrt.batch.api import RayModeError
 from captrt.batch.shards import Assembler, Chunk, arrow_schema
+
+
+class RayModeError(ValueError):
+    """Ray mode cannot run as asked (Ray not installed, a pool larger than the cluster, no cluster at
+    the address): a usage error, exit code 2."""
 
 
 class CaptionActor:
@@ -52,8 +56,7 @@ class CaptionActor:
         import numpy as np
         import pyarrow as pa
 
-        from captrt.batch.local import _read_or_error
-        from captrt.batch.rows import error_row, result_rows
+        from captrt.batch.rows import error_row, read_or_error, result_rows
 
         indices = batch.column("index").to_pylist()
         paths = batch.column("path").to_pylist()
@@ -64,7 +67,7 @@ class CaptionActor:
             images = flat.reshape(len(paths), size, size, 3)
             decoded = [e if e is not None else images[k] for k, e in enumerate(errors)]
         else:
-            decoded = list(self.decoder.map(lambda p: _read_or_error(self.read, p), paths))
+            decoded = list(self.decoder.map(lambda p: read_or_error(self.read, p), paths))
         ok = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
         rows: list[dict[str, Any] | None] = [None] * len(paths)
         if ok:
@@ -84,7 +87,7 @@ def decode_batch(batch: Any, *, model: str) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    from captrt.batch.local import _read_or_error
+    from captrt.batch.rows import read_or_error
     from captrt.batch.sources import is_uri, open_remote
     from captrt.runtime.model_dir import ModelDir
     from captrt.runtime.preprocess import DEFAULT_MAX_BYTES, load_image
@@ -99,7 +102,7 @@ def decode_batch(batch: Any, *, model: str) -> Any:
     images = np.zeros((len(paths), size * size * 3), np.uint8)
     errors: list[str | None] = []
     for k, p in enumerate(paths):
-        got = _read_or_error(read, p)
+        got = read_or_error(read, p)
         if isinstance(got, str):
             errors.append(got)
         else:

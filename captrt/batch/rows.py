@@ -37,6 +37,16 @@ def make_reader(captioner: Any) -> Callable[[str], np.ndarray]:
     return read
 
 
+def read_or_error(read: Callable[[str], np.ndarray], path: str) -> np.ndarray | str:
+    """read(path), or the one-line reason it could not be read (a row's `error`), in every mode."""
+    from captrt.runtime.preprocess import InvalidImageError
+
+    try:
+        return read(path)
+    except (InvalidImageError, OSError) as exc:
+        return str(exc) or f"{path}: unreadable image"
+
+
 def stamp_of(captioner: Any) -> dict[str, str]:
     """The columns that say what made a row: model id, engine, precision."""
     return {"model_id": captioner.model.model_id, "engine": captioner.engine.name,

@@ -33,9 +33,10 @@ from captrt.bench.summary import compare_captions, summary_lines
 from captrt.bench.quality import quality_cell, row_quality
 from captrt.bench.timing import measure_rounds
 from captrt.checks import check_int
-from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS
+from captrt.runtime.auto import AUTO, choose
+from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError
-from captrt.runtime.model_dir import ModelDir
+from captrt.runtime.model_dir import ENGINE_PRECISIONS, ModelDir
 
 BENCH_ENGINES = (*ENGINES, *PEERS)
 CHECKPOINT_ENGINES = ("torch", *PEERS)  # run the checkpoint's fp32 weights whatever --precision says
@@ -74,14 +75,16 @@ def check_names(engines: Sequence[str], precisions: Sequence[str]) -> None:
         if e not in BENCH_ENGINES:
             raise ValueError(f"engine: unknown engine {e!r}; choose from {', '.join(BENCH_ENGINES)}")
     for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+        if p not in PRECISIONS and p != AUTO:
+            raise ValueError(f"precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}, {AUTO}")
 
 
-def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str]
-                 ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[str], device: str = "cpu",
+                 choices: dict[str, dict] | None = None) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """(engine, precision) pairs to run, validated against the model directory, and the pairs that do not
-    exist ({"engine", "precision", "reason"}: an engine precision of another engine, e.g. ort bf16)."""
+    exist ({"engine", "precision", "reason"}: an engine precision of another engine, e.g. ort bf16).
+    'auto' becomes the precision Captioner.load(precision="auto") would choose for each engine here
+    (captrt.runtime.auto.choose); `choices` receives engine -> that choice."""
     check_names(engines, precisions)
     pairs: list[tuple[str, str]] = []
     skipped: list[dict[str, str]] = []
@@ -90,13 +93,20 @@ def plan_configs(model: ModelDir, engines: Sequence[str], precisions: Sequence[s
             pairs.append((e, "fp32"))
             continue
         for p in precisions:
+            if p == AUTO:
+                choice = choose(model, e, device).to_dict()
+                if choices is not None:
+                    choices[e] = choice
+                p = choice["chosen"]
+                if (e, p) in pairs or p in precisions:
+                    continue
             owners = ENGINE_PRECISIONS.get(p)
             if owners is not None and e not in owners:
                 skipped.append({"engine": e, "precision": p, "reason": f"{p} is an engine precision of "
                                 f"{' / '.join(owners)} only (it runs the fp32 graphs in {p})"})
                 continue
             if e in ("ort", "openvino"):
-                model.require_precision("fp32" if owners else p)  # names the directory and what it has
+                model.require_precision(p)  # names the directory and what it has
             pairs.append((e, p))
     return pairs, skipped
 
@@ -136,7 +146,8 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
     args = _check_arguments(engines, precisions, batches, beams, streams, device=device, steps=steps,
                             warmup=warmup, iters=iters, threads=threads, max_seconds=max_seconds, json_out=json_out)
     mdir = ModelDir.load(model)  # ModelDirError: missing directory, bad manifest, ...
-    pairs, not_pairs = _plan(mdir, args)
+    auto_choices: dict[str, dict] = {}
+    pairs, not_pairs = _plan(mdir, args, device, auto_choices)
     stream_threads = args.threads  # None: each stream count gets the cores // S
     threads = args.threads or usable_cores()
     log = _logger(progress)
@@ -153,6 +164,10 @@ def run_bench(model: str | Path, *, engines: str | Sequence[str] = "ort", precis
         "beams": args.beams, "steps": args.steps, "warmup": args.warmup, "iters": args.iters, "threads": threads,
         "images": pool.source, "max_seconds": max_seconds, "streams": args.streams, "stream_threads": stream_threads,
         "decoding": OPTIONS_ROW if decoding else None})
+    if auto_choices:
+        report["auto"] = auto_choices
+    for e, choice in auto_choices.items():
+        log(f"{e} auto: {choice['chosen']} ({choice['reason']})")
     for s in not_pairs:
         log(f"skipping {s['engine']} {s['precision']}: {s['reason']}")
     # All engines are loaded at once and take turns run by run (captrt.bench.timing): this machine's speed
@@ -210,13 +225,15 @@ def _check_arguments(engines: Any, precisions: Any, batches: Any, beams: Any, st
     return _Arguments(engine_list, precision_list, batch_list, beam_list, stream_list, steps, warmup, iters, threads)
 
 
-def _plan(mdir: ModelDir, args: _Arguments) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """plan_configs on the model directory, once every beam fits its max_beam."""
+def _plan(mdir: ModelDir, args: _Arguments, device: str,
+          choices: dict[str, dict]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """plan_configs on the model directory (`choices` receives what 'auto' chose), once every beam fits its
+    max_beam."""
     too_wide = [b for b in args.beams if b > mdir.max_beam]
     if too_wide:
         raise ValueError(f"beam: {max(too_wide)} exceeds max_beam {mdir.max_beam} of {mdir.manifest_path} "
                          f"(re-export with --max-beam {max(too_wide)} for wider beams)")
-    return plan_configs(mdir, args.engines, args.precisions)
+    return plan_configs(mdir, args.engines, args.precisions, device, choices)
 
 
 def _new_report(mdir: ModelDir, floor: dict[str, Any], skipped: list[dict[str, str]],

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# What RESULTS.md and the README say the floor is (the module doc has the details).
+# What RESULTS.md and docs/benchmarks.md say the floor is (the module doc has the details).
 FLOOR_DEFINITION = (
     "`% of floor` is a row's images/s over this machine's fp32 floor for that row's batch and step count: per image, "
     "the fp32 encoder graph's FLOPs (2 x the multiply-adds of its Conv/MatMul/Gemm nodes at batch 1, counted from "

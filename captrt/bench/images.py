@@ -58,7 +58,7 @@ def load_images(images: str | Path | np.ndarray | None, size: int, count: int = 
         raise ValueError(f"images: {path}: no such file or directory")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_FILES]
-        what = f"{path}"
+        what = f"{path} ({len(files)} images)"
     else:
         files, split = _karpathy_files(path)
         what = f"{path} ({len(files)} images of its {split} split)"

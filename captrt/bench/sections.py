@@ -6,11 +6,14 @@
 `benchmarks/decoding.py` between ``<!-- decoding:begin -->`` and ``<!-- decoding:end -->``,
 `benchmarks/streams.py` between ``<!-- streams:begin -->`` and ``<!-- streams:end -->``,
 `benchmarks/ray_serve.py` between ``<!-- rayserve:begin -->`` and ``<!-- rayserve:end -->``,
-`benchmarks/protocols.py` between ``<!-- protocols:begin -->`` and ``<!-- protocols:end -->``;
+`benchmarks/protocols.py` between ``<!-- protocols:begin -->`` and ``<!-- protocols:end -->``,
+`benchmarks/precision_auto.py` between ``<!-- auto:begin -->`` and ``<!-- auto:end -->``;
 `benchmarks/run_suite.py` rewrites the rest of the file and carries such sections over verbatim.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 SERVE_BEGIN = "<!-- serve:begin -->"
 SERVE_END = "<!-- serve:end -->"
@@ -28,10 +31,12 @@ RAYSERVE_BEGIN = "<!-- rayserve:begin -->"  # benchmarks/ray_serve.py: `captrt s
 RAYSERVE_END = "<!-- rayserve:end -->"
 PROTOCOLS_BEGIN = "<!-- protocols:begin -->"  # benchmarks/protocols.py: /v1 vs the Open Inference Protocol's /v2
 PROTOCOLS_END = "<!-- protocols:end -->"
+AUTO_BEGIN = "<!-- auto:begin -->"  # benchmarks/precision_auto.py: auto, the int8 step alone, the plain step graph
+AUTO_END = "<!-- auto:end -->"
 # Every section run_suite.py carries over, in the order it appends them.
 PRESERVED = ((SERVE_BEGIN, SERVE_END), (BATCH_BEGIN, BATCH_END), (OPENVINO_BEGIN, OPENVINO_END),
              (PRECISIONS_BEGIN, PRECISIONS_END), (DECODING_BEGIN, DECODING_END), (STREAMS_BEGIN, STREAMS_END),
-             (RAYSERVE_BEGIN, RAYSERVE_END), (PROTOCOLS_BEGIN, PROTOCOLS_END))
+             (RAYSERVE_BEGIN, RAYSERVE_END), (PROTOCOLS_BEGIN, PROTOCOLS_END), (AUTO_BEGIN, AUTO_END))
 
 
 def find_section(text: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> tuple[int, int] | None:
@@ -74,3 +79,16 @@ def append_preserved(new_text: str, old_text: str | None, begin: str = SERVE_BEG
     if kept is None:
         return new_text
     return new_text.rstrip() + "\n\n" + kept + "\n"
+
+
+def write_section(path: str | Path, section: str, begin: str = SERVE_BEGIN, end: str = SERVE_END) -> None:
+    """Replace the section of the Markdown file at path (or append it; a missing file is created), atomically:
+    RESULTS.md holds every script's numbers, so a run killed mid-write must not lose the others'."""
+    from captrt.atomic import atomic_write_text
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    atomic_write_text(path, replace_section(text, section, begin, end))

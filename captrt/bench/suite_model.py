@@ -6,6 +6,7 @@ checkpoint measures exactly what a trained one would, without a dataset or a dow
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ SUITE_CONFIG: dict[str, Any] = {"backbone": "resnet101", "enc_size": 14, "attent
                                 "decoder_dim": 512}
 STAMP = "suite_stamp.json"
 RECIPE = 2  # bump when make_random_checkpoint changes: cached suite models are then rebuilt
+
+
+def default_work() -> Path:
+    """Where the suite model is cached: outside the repository, since its checkpoint and model directory
+    are ~0.5 GB. Every benchmark that uses the suite model shares it."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "captrt" / "bench-suite"
 
 
 def synthetic_vocab(size: int):

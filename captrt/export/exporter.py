@@ -19,11 +19,12 @@ from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_mani
                                     write_json)
 from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
-from captrt.export.parity import (Timer, candidates, caption_parity, make_session, not_measured, numeric_parity,
-                                  parity_report, torch_threads)
+from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity, parity_report,
+                                  search_engine, torch_threads)
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
-from captrt.export.variant_quality import describe_mix, search_int8_variant, verify_engines_here
+from captrt.export.variant_quality import (describe_candidates, describe_mix, search_int8_variant, time_variants,
+                                          verify_engines_here)
 from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
@@ -47,7 +48,7 @@ PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of
 TUNE_COUNT = 100  # images the int8 search judges candidates on (neither parity nor calibration images)
 NUMERIC_IMAGES = 4
 INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
-INT8_DECODER = "dynamic int8 MatMuls (per-channel symmetric weights, per-call activation scales), log_softmax/TopK fp32"
+INT8_DECODER = "int8 MatMuls (per-column uint8 weights, per-row activation scales: batch-independent), log_softmax/TopK fp32"
 FP16 = "fp16 weights and activations; softmax, log_softmax, TopK, reductions and the LSTM cell state fp32; fp32 I/O"
 
 
@@ -57,7 +58,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
                  parity_images: list[str | Path] | None = None, parity_count: int = PARITY_COUNT, force: bool = False,
                  overwrite: bool = False, progress: bool = True, calib_count: int = 64,
                  quality_budget: float = DEFAULT_BUDGET, verify_engines: Sequence[tuple[str, str]] = (),
-                 int8_search: bool = True) -> dict[str, Any]:
+                 int8_search: bool = True, int8_min_speedup: float = 1.1, int8_max_fp32_layers: int | None = None,
+                 tune_count: int = TUNE_COUNT) -> dict[str, Any]:
     """Export `checkpoint` to the model directory `out_dir` and return its manifest (captrt.json).
 
     fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
@@ -67,13 +69,17 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
     the budget is not written (force writes it, recorded as failed) and is listed in the returned
     manifest's "refused". verify_engines: (engine, precision) pairs decided by an engine at load
     time, e.g. ("openvino", "bf16"), verified on this machine and recorded in captrt.json.
-    int8_search: when full int8 misses the budget, search for the fastest mix that meets it
-    (captrt.export.int8_search); False quantizes everything once and lets the budget decide.
+    int8_search: search the fastest int8 candidate within the budget, encoder mixes and the int8 step
+    alone (captrt.export.int8_search), on `tune_count` tuning images; one that is not int8_min_speedup
+    faster than fp32 end to end at batch 1 is refused; int8_max_fp32_layers caps the encoder layers the
+    search may return to fp32. False quantizes everything once and lets the budget decide.
     Raises ExportError (a ValueError naming the file) on bad input; on any failure the output
     directory is left as it was.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _check_arguments(out_dir, opset, max_beam, parity_count, calib_count, overwrite, calib_json, calib_images)
+    if isinstance(tune_count, bool) or not isinstance(tune_count, int) or tune_count < 1:
+        raise ExportError(f"tune_count: expected an integer >= 1, got {tune_count!r}")
     try:
         quality_budget = check_budget(quality_budget)
     except ValueError as exc:
@@ -89,7 +95,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
     # Read every input image before the long steps, so a bad file fails in seconds, not minutes.
     with log.step("reading parity/calibration images"):
         parity_set, calib_set, tune_set = _image_sets(cfg.image_size, parity_images, parity_count, calib_json,
-                                                      calib_images, calib_count, int8, tune=int8 and int8_search)
+                                                      calib_images, calib_count, int8,
+                                                      tune=tune_count if int8 and int8_search else 0)
     log.say(f"parity: {len(parity_set)} images ({parity_set.source})"
             + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else "")
             + (f"; int8 tuning: {len(tune_set)} images ({tune_set.source})" if tune_set is not None else ""))
@@ -101,7 +108,10 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # mode follows the umask
             manifest = _export_into(tmp, model, vocab, source, log, timer, opset=opset, max_beam=max_beam,
                                     fp16=fp16, int8=int8, parity_set=parity_set, calib_set=calib_set, force=force,
-                                    budget=quality_budget, tune_set=tune_set)
+                                    budget=quality_budget, tune_set=tune_set,
+                                    search_options={"min_speedup": int8_min_speedup,
+                                                    "max_fp32_layers": int8_max_fp32_layers})
+            manifest = time_variants(tmp, manifest, log)
             if verify_engines:
                 manifest = verify_engines_here(tmp, manifest, verify_engines, quality_budget, log)
     except FileExistsError as exc:
@@ -170,7 +180,7 @@ def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vo
 
 
 def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
-                int8: bool, tune: bool = False) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None,
+                int8: bool, tune: int = 0) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None,
                                                               image_sets.ImageSet | None]:
     """(parity, calibration, tuning): disjoint sets. Calibration never sees a parity image (the parity
     set judges what calibration produced), and the int8 search tunes on a third set, so the parity
@@ -189,21 +199,21 @@ def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_r
             calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size, avoid=avoid,
                                             source="calibration dataset", strict=True)
             if tune:
-                tuning = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, TUNE_COUNT, size,
+                tuning = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, tune, size,
                                                  avoid=avoid | {Path(p) for p in calib.paths},
                                                  source="int8 tuning images (dataset)", strict=True)
         else:  # synthetic scenes of other seeds than the parity images'
             calib = image_sets.synthetic(calib_count, size, seed=image_sets.CALIB_SEED)
             calib.source = "synthetic scenes (captrt.synth), not the parity images"
             if tune:
-                tuning = image_sets.synthetic(TUNE_COUNT, size, seed=image_sets.TUNE_SEED)
+                tuning = image_sets.synthetic(tune, size, seed=image_sets.TUNE_SEED)
                 tuning.source = "synthetic scenes (captrt.synth), neither parity nor calibration images"
     return parity, calib, tuning
 
 
 def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,
                  opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool,
-                 budget: float, tune_set=None) -> dict:
+                 budget: float, tune_set=None, search_options: dict | None = None) -> dict:
     cfg = model.config
     with log.step("tracing encoder (torch.onnx, dynamo)"):
         enc = export_onnx(EncoderGraph(model), example_encoder_inputs(cfg.image_size), input_names=ENCODER_INPUTS,
@@ -245,7 +255,7 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
     if int8 and tune_set is not None:
         with log.step(f"int8: accuracy-aware search on {len(calib_set)} calibration, {len(tune_set)} tuning images"):
             enc8, dec8, search_report = search_int8_variant(enc, dec, calib_set, tune_set, vocab, checker.beam,
-                                                            budget, log)
+                                                            budget, log, **(search_options or {}))
         variants["int8"] = (enc8, dec8, f"{INT8_ENCODER}; {describe_mix(search_report)}", INT8_DECODER)
     elif int8:
         with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
@@ -276,9 +286,19 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
             continue  # not written: a variant below budget would serve worse captions than it claims
         if precision == "int8" and search_report is not None and not search_report["useful"] and not force:
             # Within budget only with so much in fp32 that it is not faster: say so instead of shipping a slow "int8".
-            refused[precision] = {"reason": f"no int8 mix within budget is useful: {describe_mix(search_report)}; "
-                                            f"layers at fault: {', '.join(search_report['at_fault']) or 'none named'}",
+            refused[precision] = {"reason": f"no int8 candidate within budget is {search_report['min_speedup']}x "
+                                            f"faster than fp32: {describe_mix(search_report)}; candidates: "
+                                            f"{describe_candidates(search_report)}; layers at fault: "
+                                            f"{', '.join(search_report['at_fault']) or 'none named'}",
                                   "quality": quality.summary(), "search": search_report}
+            continue
+        if precision == "int8" and search_report is not None and search_report["encoder"] != "int8":
+            # The int8 step alone won: the variant's encoder is the fp32 graph, by reference (same file and hash).
+            save_onnx(d, tmp / GRAPH_FILES["int8"][1])
+            graphs["int8"] = {"encoder": {**graphs["fp32"]["encoder"], "shared_with": "fp32",
+                                          "quantization": "none: the fp32 encoder (" + describe_mix(search_report) + ")"},
+                              "decoder_step": graph_entry(tmp, GRAPH_FILES["int8"][1], "int8", tensorrt_problems(d),
+                                                          note_d)}
             continue
         _write_pair(tmp, GRAPH_FILES[precision], e, d)
         graphs[precision] = _entries(tmp, GRAPH_FILES[precision], precision, e, d, note_e, note_d)
@@ -372,12 +392,13 @@ class _ParityChecker:
             strict: bool) -> tuple[dict, list[list[int]] | None, dict | None]:
         """-> (parity report, the variant's captions on the parity images, its engine's numerics key);
         (report, None, None) when ONNX Runtime's CPU provider cannot run the graphs (not strict)."""
-        from captrt.runtime.engines.ort import SessionEngine
-
         timer = Timer()
+        dec_bytes = dec.SerializeToString()
         try:
             # One thread for the step: its ops are small, and the parity decode is a long chain of them.
-            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec.SerializeToString(), threads=1)
+            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec_bytes, threads=1)
+            # The captions come from the search users run: the default path's step graph (plain, when it cuts).
+            engine = search_engine(enc_s, dec_bytes, precision=precision, controlled=dec_s)
         except Exception as exc:  # e.g. no CPU kernel for an fp16 operator
             if strict:
                 raise ExportError(f"ONNX Runtime cannot load the {precision} graphs: {exc}") from None
@@ -385,7 +406,6 @@ class _ParityChecker:
                      f"{str(exc).splitlines()[0][:200]})"
             self.log.say(f"{precision} parity {reason}")
             return not_measured(reason), None, None
-        engine = SessionEngine(enc_s, dec_s, candidates(dec_s), precision=precision)
         with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
             numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
             with self.log.bar(len(self.set), f"{precision} beam search") as tick:

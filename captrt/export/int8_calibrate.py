@@ -22,7 +22,7 @@ import onnx
 from onnx import helper
 
 from captrt.export.errors import ExportError
-from captrt.export.quantize import ImageCalibrationReader, _quiet, backbone_node_names
+from captrt.export.quantize import ImageCalibrationReader, backbone_node_names, quiet_quantization
 
 # name -> (onnxruntime CalibrationMethod name, calibration extra_options). Asymmetric ranges throughout:
 # activations are uint8 with a zero point, and most are post-ReLU (a symmetric range wastes half of it).
@@ -76,7 +76,7 @@ class EncoderQuantizer:
         cache = Path(self._tmp.name) / f"ranges-{calibration}.json"
         reader = None if cache.is_file() else ImageCalibrationReader(list(self.images))
         dst = Path(self._tmp.name) / "encoder.int8.onnx"
-        with _quiet():
+        with quiet_quantization():
             try:
                 quantize_static(
                     str(self._src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,

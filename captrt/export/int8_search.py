@@ -1,27 +1,29 @@
-"""Accuracy-aware int8: the fastest mix of int8 and fp32 encoder layers that meets the quality budget.
+"""Accuracy-aware int8: the fastest candidate within the quality budget, int8 encoder mixes and the int8 step alone.
 
 When full int8 misses the budget, search instead of giving up (anchors: NNCF's
 quantize_with_accuracy_control, Intel Neural Compressor's accuracy-driven tuning, ONNX Runtime's
 qdq_loss_debug):
-1. calibrations, best-known first: MinMax, Percentile 99.999, Entropy (each calibrated once, see
-   int8_calibrate). The first that passes the judge wins, with every layer int8.
+0. the decoder step: quantize.quantize_decoder's per-row int8 with the fp32 encoder, judged first
+   ("fp32 encoder, int8 step"). When it misses the budget the step stays fp32 and the search concerns the encoder only.
+1. encoder calibrations, best-known first: MinMax, Percentile 99.999, Entropy (each calibrated once,
+   see int8_calibrate). The first that passes the judge ends the search, with every layer int8.
 2. otherwise, with the best-scoring calibration: rank the quantized encoder layers by the error each
    adds against fp32 on a few calibration images (int8_rank), and return the most harmful to fp32 in
    growing groups (1, 2, 4, 8, ...) until the judge passes, then bisect between the last failing and
    the first passing group size; stop at the smallest passing one.
-3. measure the speed of the result against fp32 (encoder at batch 1 + 10 decoder steps at N=1, K=5).
-   A mix that passes but is less than `min_speedup` faster is not useful: the result says so
-   (`useful` False) and names the layers at fault, rather than shipping a slow "int8".
+3. the candidates are the step alone (fp32 encoder, int8 step; when it passed) and every encoder mix
+   that passed (each with the step chosen in 0). Their end-to-end speed at batch 1 is measured the same
+   way in one interleaved run against fp32 (int8_speed: encoder at batch 1 + a real caption's steps),
+   and the result is the fastest candidate that is at least `min_speedup` faster than fp32. When none
+   is, the result says so (`useful` False) and names the layers at fault, rather than shipping a slow
+   "int8". The report lists every candidate tried, with its quality and, when it passed, its speed.
 
-The decoder step is quantize.quantize_decoder's per-row int8 when, with the fp32 encoder, it meets
-the budget alone (one judge call first); otherwise the step stays fp32 and the search concerns the
-encoder only (the encoder is most of the time, and of the gain, at batch 1). Judge calls (a beam
-search over the tuning images) dominate the cost: at most len(CALIBRATIONS) + 2 * log2(layers) + 2.
+Judge calls (a beam search over the tuning images) dominate the cost: at most len(CALIBRATIONS) +
+2 * log2(layers) + 2; the speed measurement adds a few seconds per passing candidate.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +34,13 @@ import onnx
 
 from captrt.export.int8_calibrate import CALIBRATIONS, EncoderQuantizer, layer_label
 from captrt.export.int8_rank import rank_nodes
+from captrt.export.int8_speed import STEPS, measure_configurations
 from captrt.export.quantize import quantize_decoder
-from captrt.runtime.decoding.processing import neutral_feeds
-from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, LOGP_OUTPUT
 
 RANK_IMAGES = 4  # calibration images for the per-layer error ranking
 AT_FAULT = 5  # layers named when the search gives up
+STEP_ONLY = "fp32 encoder, int8 step"  # the candidate with the int8 step alone (its trial's name too)
+Graphs = tuple[onnx.ModelProto, onnx.ModelProto]
 
 
 class Judgement(Protocol):
@@ -53,57 +56,72 @@ class Judgement(Protocol):
 
 
 Judge = Callable[[onnx.ModelProto, onnx.ModelProto], Judgement]
+# name -> (encoder, decoder_step) in, name -> median ms out, "fp32" included (int8_speed.measure_configurations)
+Timer = Callable[[dict[str, Graphs]], dict[str, float]]
 
 
 @dataclass
 class Int8Result:
-    """The search's outcome; encoder/decoder are the graphs to write as the int8 variant."""
+    """The search's outcome; encoder/decoder are the graphs to write as the int8 variant.
+
+    calibration, fp32_nodes, fp32_layers, int8_layers, ranking describe the encoder search (its last
+    mix); `chosen` names the candidate that encoder/decoder, passed, speedup and timings_ms are of: an
+    encoder mix, or STEP_ONLY (then encoder_int8 is False: the variant's encoder is the fp32 one)."""
 
     encoder: onnx.ModelProto
     decoder: onnx.ModelProto
     calibration: str  # e.g. "minmax", "percentile-99.999", "entropy"
     fp32_nodes: list[str]  # encoder nodes returned to fp32 (empty when full int8 met the budget)
     trials: list[dict]  # each tried configuration: calibration, fp32 node count, judge summary, passed
-    passed: bool  # the final mix met the budget on the tuning split
-    speedup: float | None  # fp32 time / mix time (encoder batch 1 + decoder steps), None if not measured
+    passed: bool  # the chosen candidate met the budget on the tuning split
+    speedup: float | None  # fp32 time / its time (encoder batch 1 + decoder steps), None if not measured
     at_fault: list[str]  # when it gives up (not passed, or not useful): the most harmful layers
     min_speedup: float = 1.1
     fp32_layers: list[str] = field(default_factory=list)  # fp32_nodes with their weights' names
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, harm) most harmful first
-    timings_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": ..., "int8": ...}
+    timings_ms: dict[str, float] = field(default_factory=dict)  # {"fp32": ..., "int8": ...} (the chosen one's)
     reduce_range: bool = True
     decoder_int8: bool = True  # False: the step's int8 form alone missed the budget, so it stays fp32
     int8_layers: int | None = None  # encoder layers still int8 (None: not counted, full int8 chose itself)
+    encoder_int8: bool = True  # False: the chosen candidate is the step alone, with the fp32 encoder
+    chosen: str = "encoder mix"
+    candidates: list[dict] = field(default_factory=list)  # every candidate: quality, speed, useful, chosen
 
     @property
     def useful(self) -> bool:
         """Worth shipping: within budget and at least min_speedup faster than fp32."""
         # Nothing left in int8 (fp32 step, every encoder layer back in fp32) is fp32 whatever its timing says.
-        nothing_int8 = not self.decoder_int8 and self.int8_layers == 0
+        nothing_int8 = not self.decoder_int8 and (self.int8_layers == 0 or not self.encoder_int8)
         return self.passed and not nothing_int8 and self.speedup is not None and self.speedup >= self.min_speedup
 
     def to_report(self) -> dict[str, Any]:
         """JSON-ready, for captrt.json's int8 report."""
-        final = next((t["quality"] for t in reversed(self.trials)
-                      if t["calibration"] == self.calibration and t["fp32_nodes"] == len(self.fp32_nodes)), None)
-        return {"calibration": self.calibration, "weights": "7-bit" if self.reduce_range else "8-bit",
+        chosen = next((c for c in self.candidates if c.get("chosen")), None)
+        final = chosen["quality"] if chosen else next(
+            (t["quality"] for t in reversed(self.trials)
+             if t["calibration"] == self.calibration and t["fp32_nodes"] == len(self.fp32_nodes)), None)
+        return {"chosen": self.chosen, "encoder": "int8" if self.encoder_int8 else "fp32 (the fp32 variant's graph)",
+                "calibration": self.calibration, "weights": "7-bit" if self.reduce_range else "8-bit",
                 "decoder": "int8 (per-row)" if self.decoder_int8 else "fp32 (its int8 form alone missed the budget)",
                 "fp32_nodes": list(self.fp32_nodes), "fp32_layers": list(self.fp32_layers),
                 "int8_layers": self.int8_layers,
                 "passed": self.passed, "quality": final, "speedup": self.speedup, "min_speedup": self.min_speedup,
                 "useful": self.useful, "timings_ms": dict(self.timings_ms), "at_fault": list(self.at_fault),
-                "trials": [dict(t) for t in self.trials],
+                "candidates": [dict(c) for c in self.candidates], "trials": [dict(t) for t in self.trials],
                 "most_harmful": [{"layer": name, "harm": float(f"{harm:.3g}")} for name, harm in self.ranking[:10]]}
 
 
 def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images: np.ndarray, judge: Judge, *,
                 max_fp32_nodes: int | None = None, min_speedup: float = 1.1, reduce_range: bool = True,
-                calibrations: Sequence[str] = tuple(CALIBRATIONS), measure: bool = True,
-                log: Callable[[str], None] = lambda s: None) -> Int8Result:
-    """Search the fastest int8 mix within budget (module docstring). calib_images: uint8 (M, S, S, 3),
-    disjoint from the judge's tuning images. judge(enc8, dec8) -> Judgement."""
+                calibrations: Sequence[str] = tuple(CALIBRATIONS), measure: bool = True, steps: int = STEPS,
+                timer: Timer | None = None, log: Callable[[str], None] = lambda s: None) -> Int8Result:
+    """Search the fastest int8 candidate within budget (module docstring). calib_images: uint8 (M, S, S, 3),
+    disjoint from the judge's tuning images. judge(enc8, dec8) -> Judgement. steps: decoder steps per timed
+    run (a real caption's). timer: measures candidates (default: int8_speed.measure_configurations on
+    calib_images[0]); measure=False times nothing (then an encoder mix that passed is preferred)."""
     dec8 = quantize_decoder(decoder)
     trials: list[dict] = []
+    passing: list[tuple[str, onnx.ModelProto, list[str], Judgement]] = []  # encoder mixes within budget
     decoder_int8 = True
 
     def trial(enc8: onnx.ModelProto, calibration: str, fp32_nodes: Sequence[str]) -> Judgement:
@@ -114,9 +132,13 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
                        "seconds": round(time.perf_counter() - t0, 1)})
         log(f"int8 {calibration}, {len(fp32_nodes)} layer(s) fp32: score {verdict.score:.4f}, "
             f"{'passed' if verdict.passed else 'failed'}")
+        if verdict.passed and enc8 is not encoder:
+            passing.append((calibration, enc8, list(fp32_nodes), verdict))
         return verdict
 
-    if not trial(encoder, "fp32 encoder, int8 step", []).passed:
+    step_only = trial(encoder, STEP_ONLY, [])
+    step_dec8 = dec8
+    if not step_only.passed:
         # The step alone already costs more than the budget: keep it fp32 and search the encoder only.
         dec8, decoder_int8 = decoder, False
         log("int8: the int8 decoder step alone misses the budget; it stays fp32")
@@ -135,9 +157,9 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
         if chosen is None:
             assert best is not None, "no calibration method given"
             _, calibration, _ = best
-            candidates = quantizer.quantized_nodes()
+            order_nodes = quantizer.quantized_nodes()
             ranking = rank_nodes(encoder, quantizer.build(calibration, keep_activations=True),
-                                 quantizer.images[:RANK_IMAGES], candidates)
+                                 quantizer.images[:RANK_IMAGES], order_nodes)
             order = [name for name, _ in ranking]
             limit = len(order) if max_fp32_nodes is None else min(max_fp32_nodes, len(order))
             log(f"int8: ranking {len(order)} quantized layers; most harmful: "
@@ -145,20 +167,89 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
             chosen = _grow_and_bisect(lambda k: (order[:k], quantizer.build(calibration, order[:k])),
                                       lambda enc8, nodes: trial(enc8, calibration, nodes), limit, calibration)
     calibration, fp32_nodes, enc8, passed = chosen
-    timings = measure_speedup(encoder, decoder, enc8, dec8, calib_images[0]) if measure else {}
-    speedup = timings["fp32"] / timings["int8"] if timings else None
-    result = Int8Result(enc8, dec8, calibration, list(fp32_nodes), trials, passed,
-                        None if speedup is None else round(speedup, 3), [], min_speedup,
-                        [layer_label(encoder, n) for n in fp32_nodes], ranking,
-                        {k: round(v, 2) for k, v in timings.items()}, reduce_range, decoder_int8,
-                        len(ranking) - len(fp32_nodes) if ranking else None)
-    if not result.useful and (not passed or speedup is not None):
+    int8_layers = len(ranking) - len(fp32_nodes) if ranking else None
+    result = Int8Result(enc8, dec8, calibration, list(fp32_nodes), trials, passed, None, [], min_speedup,
+                        [layer_label(encoder, n) for n in fp32_nodes], ranking, {}, reduce_range, decoder_int8,
+                        int8_layers)
+    configs: dict[str, Graphs] = {}
+    described: dict[str, dict] = {}
+    described[STEP_ONLY] = {"name": STEP_ONLY, "encoder": "fp32", "decoder": "int8 (per-row)",
+                            "quality": step_only.summary(), "passed": bool(step_only.passed)}
+    if step_only.passed:
+        configs[STEP_ONLY] = (encoder, step_dec8)
+    else:
+        described[STEP_ONLY]["speed"] = "not measured: missed the budget"
+    mixes: dict[str, tuple[str, list[str], onnx.ModelProto]] = {}
+    for cal, graph, nodes, verdict in passing:
+        name = _mix_name(cal, nodes)
+        mixes[name] = (cal, nodes, graph)
+        configs[name] = (graph, dec8)
+        described[name] = {"name": name, "encoder": f"int8 ({cal} calibration, {len(nodes)} layer(s) fp32)",
+                           "decoder": "int8 (per-row)" if decoder_int8 else "fp32", "quality": verdict.summary(),
+                           "passed": True}
+    for t in trials[1:]:  # the encoder configurations that missed the budget, for the record
+        if not t["passed"]:
+            name = _mix_name(t["calibration"], [None] * t["fp32_nodes"])
+            described.setdefault(name, {"name": name, "encoder": f"int8 ({t['calibration']} calibration, "
+                                                                 f"{t['fp32_nodes']} layer(s) fp32)",
+                                        "decoder": "int8 (per-row)" if decoder_int8 else "fp32",
+                                        "quality": t["quality"], "passed": False,
+                                        "speed": "not measured: missed the budget"})
+    timings: dict[str, float] = {}
+    if configs and (measure or timer is not None):
+        image = calib_images[0]
+        timings = (timer or (lambda c: measure_configurations(c, image, steps=steps)))({"fp32": (encoder, decoder),
+                                                                                     **configs})
+    for name in configs:
+        if name in timings and timings.get("fp32"):
+            described[name].update(timings_ms={"fp32": round(timings["fp32"], 2), "int8": round(timings[name], 2)},
+                                   speedup=round(timings["fp32"] / timings[name], 3))
+            described[name]["useful"] = described[name]["speedup"] >= min_speedup
+    pick = _pick(described, configs, min_speedup)
+    if pick is not None:
+        described[pick]["chosen"] = True
+        result.chosen = pick
+        result.passed = True
+        if pick == STEP_ONLY:
+            result.encoder, result.decoder, result.encoder_int8, result.decoder_int8 = encoder, step_dec8, False, True
+        else:
+            cal, nodes, graph = mixes[pick]
+            result.encoder, result.calibration, result.fp32_nodes = graph, cal, list(nodes)
+            result.fp32_layers = [layer_label(encoder, n) for n in nodes]
+            result.int8_layers = len(ranking) - len(nodes) if ranking else None
+        if pick in timings:
+            result.speedup = described[pick]["speedup"]
+            result.timings_ms = dict(described[pick]["timings_ms"])
+    result.candidates = list(described.values())
+    if not result.useful and (not result.passed or result.speedup is not None):
         # Give up honestly: name the layers that cost quality (the ranking) or, when the ranking never
         # ran, the ones kept in fp32.
         result.at_fault = [layer_label(encoder, n) for n, _ in ranking[:AT_FAULT]] or result.fp32_layers[:AT_FAULT]
-    log(f"int8: {calibration}, {len(fp32_nodes)} layer(s) fp32, passed={passed}, speedup "
-        f"{'n/a' if speedup is None else f'{speedup:.2f}x'}")
+    speed = "n/a" if result.speedup is None else f"{result.speedup:.2f}x"
+    log(f"int8: chose {result.chosen} ({calibration}, {len(result.fp32_nodes)} layer(s) fp32 in the encoder search), "
+        f"passed={result.passed}, speedup {speed}; candidates: "
+        + "; ".join(f"{c['name']} {'%.2fx' % c['speedup'] if 'speedup' in c else c.get('speed', '-')}"
+                    for c in result.candidates if c["passed"]))
     return result
+
+
+def _mix_name(calibration: str, fp32_nodes: Sequence[Any]) -> str:
+    return f"{calibration}, {len(fp32_nodes)} fp32" if fp32_nodes else f"{calibration}, full int8"
+
+
+def _pick(described: dict[str, dict], configs: dict[str, Graphs], min_speedup: float) -> str | None:
+    """The fastest candidate within budget that is min_speedup faster; else the fastest within budget (not
+    useful, so the exporter refuses it); unmeasured, an encoder mix before the step alone (more of it int8).
+    None when nothing passed."""
+    within = [n for n in configs if described[n]["passed"]]
+    if not within:
+        return None
+    measured = [n for n in within if "speedup" in described[n]]
+    if measured:
+        useful = [n for n in measured if described[n]["speedup"] >= min_speedup]
+        return max(useful or measured, key=lambda n: described[n]["speedup"])
+    mixes = [n for n in within if n != STEP_ONLY]
+    return mixes[-1] if mixes else within[0]  # the last mix that passed: the search's smallest fp32 set
 
 
 def _grow_and_bisect(build: Callable[[int], tuple[list[str], onnx.ModelProto]],
@@ -190,52 +281,6 @@ def _grow_and_bisect(build: Callable[[int], tuple[list[str], onnx.ModelProto]],
     return found
 
 
-def step_feeds(session: Any, n: int, k: int) -> dict[str, np.ndarray]:
-    """The neutral control inputs of a step session (format 2), or {} when it has none (format 1)."""
-    if not set(CONTROL_INPUTS) <= {i.name for i in session.get_inputs()}:
-        return {}
-    vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == LOGP_OUTPUT) - 1  # V + 1 columns
-    return neutral_feeds(n, k, int(vocab))
-
-
-def measure_speedup(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc8: onnx.ModelProto,
-                    dec8: onnx.ModelProto, image: np.ndarray, *, steps: int = 10, beams: int = 5,
-                    repeats: int = 5, threads: int | None = None) -> dict[str, float]:
-    """Median ms of encoder(1 image) + `steps` decoder steps (N=1, K=beams), fp32 and int8, with the
-    runtime's session options; the two are measured in alternation so shared-CPU noise hits both."""
-    import onnxruntime as ort
-
-    from captrt.runtime.engines.ort import session_options
-
-    def sessions(enc: onnx.ModelProto, dec: onnx.ModelProto):
-        so = session_options(threads)
-        return tuple(ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
-                     for g in (enc, dec))
-
-    pairs = {"fp32": sessions(encoder, decoder), "int8": sessions(enc8, dec8)}
-    feed = np.ascontiguousarray(image[None], dtype=np.uint8)
-
-    def once(enc_s, dec_s) -> float:
-        t0 = time.perf_counter()
-        features, att_proj, h, c = enc_s.run(["features", "att_proj", "h0", "c0"], {"image": feed})
-        h, c = np.repeat(h[:, None], beams, 1), np.repeat(c[:, None], beams, 1)
-        tokens, origin = np.ones((1, beams), np.int64), np.zeros((1, beams), np.int64)
-        controls = step_feeds(dec_s, 1, beams)  # the default path's (none for a format-1 graph)
-        for _ in range(steps):
-            h, c, _, _, ids = dec_s.run(list(DECODER_OUTPUTS), {"tokens": tokens, "origin": origin, "h": h, "c": c,
-                                                                "features": features, "att_proj": att_proj, **controls})
-            tokens, origin = np.ascontiguousarray(ids[:, :, 0]), np.arange(beams, dtype=np.int64)[None]
-        return time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {k: [] for k in pairs}
-    for k, (e, d) in pairs.items():  # warm-up: first runs allocate and pack weights
-        once(e, d)
-    for _ in range(repeats):
-        for k, (e, d) in pairs.items():
-            times[k].append(once(e, d))
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
 # ----------------------------------------------------------------------------------- a judge for tests
 @dataclass
 class TokenJudgement:
@@ -261,12 +306,10 @@ class TokenJudgement:
 def caption_tokens(encoder: onnx.ModelProto, decoder: onnx.ModelProto, images: np.ndarray, *, start: int, end: int,
                    vocab_size: int, beam_size: int, max_steps: int, batch: int = 16) -> list[list[int]]:
     """Word ids per image by the runtime's batched beam search over CPU sessions of the two graphs."""
-    from captrt.export.parity import candidates, make_session
-    from captrt.runtime.engines.ort import SessionEngine
+    from captrt.export.parity import make_session, search_engine
     from captrt.runtime.verify import search_tokens
 
-    dec_s = make_session(decoder.SerializeToString(), threads=1)  # the step's ops are small: one thread
-    engine = SessionEngine(make_session(encoder.SerializeToString()), dec_s, candidates(dec_s))
+    engine = search_engine(make_session(encoder.SerializeToString()), decoder.SerializeToString())
     return search_tokens(engine, images, start=start, end=end, vocab_size=vocab_size, beam_size=beam_size,
                          max_steps=max_steps, batch_size=batch)
 

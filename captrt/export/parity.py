@@ -141,6 +141,23 @@ def candidates(decoder) -> int:
     return int(next(o for o in decoder.get_outputs() if o.name == "cand_logp").shape[-1])
 
 
+def search_engine(encoder, decoder_bytes: bytes, *, precision: str = "fp32", controlled=None):
+    """A SessionEngine that decodes as the runtime's default path does: with the step graph cut without its
+    decoding controls (captrt.runtime.plain_step) when the cut applies, the format-2 graph beside it for
+    controls (`controlled`, a session of decoder_bytes when the caller has one; opened on demand otherwise).
+    The step's ops are small: its sessions take one thread."""
+    from captrt.runtime.engines.ort import SessionEngine
+    from captrt.runtime.plain_step import plain_step_graph
+
+    plain = plain_step_graph(decoder_bytes)
+    if plain is None:
+        dec = controlled if controlled is not None else make_session(decoder_bytes, threads=1)
+        return SessionEngine(encoder, dec, candidates(dec), precision=precision)
+    step = make_session(plain, threads=1)
+    return SessionEngine(encoder, step, candidates(step), precision=precision, controlled=controlled,
+                         open_controlled=None if controlled is not None else lambda: make_session(decoder_bytes, 1))
+
+
 def run_beam_searches(encoder, decoder, images: np.ndarray, start: int, end: int, vocab_size: int,
                       beam_size: int, max_steps: int, tick: Callable[[], None] | None = None,
                       batch: int = PARITY_BATCH) -> list:

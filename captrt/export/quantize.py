@@ -91,7 +91,7 @@ def quantize_encoder(model: onnx.ModelProto, images: Iterable[np.ndarray],
 
     keep = set(backbone_node_names(model))
     exclude = [n.name for n in model.graph.node if n.name not in keep]
-    with tempfile.TemporaryDirectory(prefix="captrt-int8-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="captrt-int8-") as tmp, quiet_quantization():
         src, dst = Path(tmp) / "encoder.onnx", Path(tmp) / "encoder.int8.onnx"
         onnx.save_model(model, str(src))
         try:
@@ -274,7 +274,7 @@ def quantize_decoder_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     targets = weight_matmuls(prepared)
     if not targets:
         raise ExportError("decoder graph has no weight MatMuls to quantize")
-    with tempfile.TemporaryDirectory(prefix="captrt-int8-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="captrt-int8-") as tmp, quiet_quantization():
         src, dst = Path(tmp) / "decoder_step.onnx", Path(tmp) / "decoder_step.int8.onnx"
         onnx.save_model(prepared, str(src))
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=targets,
@@ -283,7 +283,7 @@ def quantize_decoder_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load_model(str(dst))
 
 
-class _quiet:
+class quiet_quantization:
     """Silence onnxruntime.quantization's INFO/WARNING chatter: it logs to the root logger, and its
     histogram calibrators print to stdout, which is the export command's output."""
 

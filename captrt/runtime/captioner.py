@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from captrt.runtime.auto import AUTO, PrecisionChoice, load_auto
 from captrt.runtime.decoding import DecodingOptionError, DecodingOptions, Hypothesis, beam_search, sample_search
 from captrt.runtime.decoding.options import GRAPH_OPTIONS
 from captrt.runtime.engines import create_engine
@@ -132,9 +133,11 @@ class Captioner:
     """Captions images with one engine over one model directory. Use Captioner.load()."""
 
     def __init__(self, model: ModelDir, engine: Engine, *, image_options: dict[str, Any] | None = None,
-                 verification: Verification | None = None, streams: int = 1):
+                 verification: Verification | None = None, streams: int = 1,
+                 precision_choice: PrecisionChoice | None = None):
         self.model = model
         self.engine = engine
+        self.precision_choice = precision_choice  # what precision="auto" chose and why (None: asked explicitly)
         self.streams = streams
         self.slots = StreamSlots(streams)  # every search holds one: at most `streams` run at once
         self._pool: ThreadPoolExecutor | None = None  # runs one call's batches on the streams (streams > 1)
@@ -154,7 +157,10 @@ class Captioner:
 
         engine: 'ort' (ONNX Runtime), 'trt' (native TensorRT) or 'torch' (the checkpoint in PyTorch).
         device: 'cpu' | 'cuda' (default: 'cuda' for engine='trt', else 'cpu').
-        precision: 'fp32' | 'fp16' | 'int8' (a variant the directory holds).
+        precision: 'fp32' | 'fp16' | 'int8' (a variant the directory holds), 'bf16' / 'bf16-int8' (OpenVINO),
+        or 'auto': the fastest precision verified for this engine on this machine, by the speeds the export
+        or `captrt verify` measured here, fp32 when none is (captrt.runtime.auto; never an unverified or
+        refused one; the choice and why in info()["precision_choice"]).
         streams: batched searches that may run at once over this one loaded model (default 1; 'auto':
         one per core); threads: intra-op threads of each (default: the cores divided among the streams);
         S x T above the usable cores raises ValueError unless oversubscribe (captrt.runtime.streams).
@@ -183,15 +189,23 @@ class Captioner:
             threads = plan.threads  # the default (one stream, no threads given) stays the engines' own: all cores
         if engine == "openvino":
             engine_options.setdefault("streams", plan.streams)  # one compiled model, NUM_STREAMS = S
-        backend = create_engine(engine, model, device=device, precision=precision, threads=threads, **engine_options)
-        try:
-            verification = ensure_verified(model, backend, allow_unverified=allow_unverified, budget=quality_budget)
-        except BaseException:
-            backend.close()
-            raise
+        choice = None
+        if precision == AUTO:
+            backend, verification, choice = load_auto(model, engine, device=device, threads=threads,
+                                                      budget=quality_budget, allow_unverified=allow_unverified,
+                                                      **engine_options)
+        else:
+            backend = create_engine(engine, model, device=device, precision=precision, threads=threads,
+                                    **engine_options)
+            try:
+                verification = ensure_verified(model, backend, allow_unverified=allow_unverified, budget=quality_budget)
+            except BaseException:
+                backend.close()
+                raise
         image_options = {k: v for k, v in (("formats", image_formats), ("max_bytes", max_image_bytes),
                                            ("max_pixels", max_image_pixels)) if v is not None}
-        return cls(model, backend, image_options=image_options, verification=verification, streams=plan.streams)
+        return cls(model, backend, image_options=image_options, verification=verification, streams=plan.streams,
+                   precision_choice=choice)
 
     @property
     def provider(self) -> str:
@@ -212,7 +226,8 @@ class Captioner:
                 "provider": self.provider, "numerics": self.engine.describe(), "streams": self.streams,
                 "decoding_controls": self.engine.controls,
                 "threads": self.engine.threads or usable_cores(),
-                "verification": self.verification.to_dict()}
+                "verification": self.verification.to_dict(),
+                **({"precision_choice": self.precision_choice.to_dict()} if self.precision_choice else {})}
 
     def read_image(self, source: Any, name: str | None = None) -> np.ndarray:
         """Decode one image as caption() would -> uint8 (S, S, 3), with this Captioner's format and size

@@ -56,6 +56,15 @@ def _attention_name(path: str, used: set[str]) -> str:
     return name
 
 
+def _header_line(captioner: Any) -> str:
+    """With --precision auto, --json's first line says what runs and why: {"header": {"model", "engine",
+    "provider", "precision", "verification", "precision_choice"}} (no "image" key: it is not a caption)."""
+    info = captioner.info()
+    keys = ("id", "engine", "provider", "precision", "verification", "precision_choice")
+    return json.dumps({"header": {("model" if k == "id" else k): info[k] for k in keys}}, ensure_ascii=False,
+                      default=str)
+
+
 def _json_line(path: str, cap: Any, hypotheses: bool = False) -> str:
     return json.dumps({"image": path, **cap.to_dict(hypotheses=hypotheses)}, ensure_ascii=False)
 
@@ -70,7 +79,9 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     (no images, bad model directory, unavailable engine, bad option).
 
     Prints `path<TAB>caption` per image to `out` (errors to `err`), or with json_lines one
-    {"image", "caption", "tokens", "score", "finished", "error"} object per image (errors included).
+    {"image", "caption", "tokens", "score", "finished", "error"} object per image (errors included),
+    after a {"header": ...} line when precision is "auto" (what it chose and why). Without json_lines,
+    "auto" says its choice on `err`.
     attention_dir: write one seed-style attention PNG per captioned image there (needs matplotlib).
     device None: 'cuda' for engine='trt', else 'cpu'. progress None: a bar when `err` is a terminal, else a
     plain line every 30 s; True forces the bar, False shows nothing. decoding: the decoding controls
@@ -102,6 +113,11 @@ def caption_files(inputs: Sequence[str], model_dir: str | os.PathLike, engine: s
     # The flags' beam, max_steps and length_penalty, then the rest of the options given (which may repeat them).
     decoding = {"beam_size": beam, "max_steps": max_steps, "length_penalty": length_penalty, **(decoding or {})}
     hypotheses = decoding.get("num_hypotheses", 1) > 1 or bool(decoding.get("return_scores"))
+    if captioner.precision_choice is not None:
+        if json_lines:
+            out.write(_header_line(captioner) + "\n")
+        else:
+            complain(f"precision auto: {captioner.precision_choice.chosen} ({captioner.precision_choice.reason})")
     failed = len(problems)
     plot_dir = Path(attention_dir) if attention_dir is not None else None
     used_names: set[str] = set()

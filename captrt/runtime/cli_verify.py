@@ -41,6 +41,10 @@ def verify_command(model_dir: str | os.PathLike, *, engine: str = "ort", device:
         if report.references:
             lines += [f"BLEU-4:    {report.bleu4:.4f} vs fp32 {report.bleu4_fp32:.4f} ({100 * report.bleu4_ratio:.1f}%)",
                       f"CIDEr:     {report.cider:.4f} vs fp32 {report.cider_fp32:.4f} ({100 * report.cider_ratio:.1f}%)"]
+        if facts.get("speed"):
+            sp = facts["speed"]
+            lines.append(f"speed:     {sp['ms_per_image']:.1f} ms/image vs fp32 {sp['fp32_ms_per_image']:.1f} "
+                         f"({sp['speedup']:.2f}x; batch 1, beam {sp['beam']}, {sp['images']} images)")
         lines.append(f"verdict:   {report.verdict()}"
                      + ("" if facts["needs_verification"] else " (exact fp32: loads need no verification)"))
         if facts["saved"]:

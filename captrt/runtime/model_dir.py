@@ -20,12 +20,20 @@ from captrt.runtime.errors import ModelDirError
 from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
 from captrt.vocab import Vocab
 
+# Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
+# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT), or the fp32 encoder in bf16 with the int8
+# variant's step ("bf16-int8"). Every other precision names a graph variant.
+ENGINE_PRECISIONS = {"bf16": ("openvino",), "bf16-int8": ("openvino",)}
+# The graph variant an engine precision needs in the model directory (its step's: the encoder is fp32's).
+ENGINE_VARIANTS = {"bf16": "fp32", "bf16-int8": "int8"}
+
 FORMAT = "captrt-model"
 FORMAT_VERSION = 2  # what the exporter writes: 2 added the step graph's decoding controls
 READABLE_VERSIONS = (1, 2)  # version 1 directories still load and decode the default path
 MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
 GRAPHS = ("encoder", "decoder_step")
+PLAIN_STEP = "decoder_step_plain"  # check_io's name for the step graph cut without its decoding controls
 # The graphs' tensor names (docs/model-format.md): the exporter writes them, every engine reads them.
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
@@ -101,11 +109,9 @@ class ModelDir:
 
     def require_precision(self, precision: str) -> None:
         """Raise ModelDirError unless the graphs `precision` runs on are here. An engine precision (bf16:
-        OpenVINO runs the fp32 graphs in bf16) needs the fp32 graphs; every other names a file variant."""
-        from captrt.runtime.engines.base import ENGINE_PRECISIONS
-
-        if precision in ENGINE_PRECISIONS:
-            precision = "fp32"
+        OpenVINO runs the fp32 graphs in bf16) needs the graphs of its variant (bf16: fp32's; bf16-int8: the
+        int8 step beside the fp32 encoder); every other names a file variant."""
+        precision = ENGINE_VARIANTS.get(precision, precision)
         refused = (self.manifest.get("refused") or {}).get(precision)
         if precision not in self.graphs and isinstance(refused, dict):
             raise ModelDirError(f"{self.manifest_path}: the {precision} variant was refused at export because it "
@@ -151,8 +157,12 @@ class ModelDir:
         least its outputs, and C = captrt.json's max_beam. Raises ModelDirError naming each file."""
         problems = []
         want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if self.controls else (V1_INPUTS, V1_OUTPUTS)
+        # The plain step graph an engine cuts from the format-2 step (captrt.runtime.plain_step) has format 1's I/O.
+        want_in = {**want_in, PLAIN_STEP: V1_INPUTS["decoder_step"]}
+        want_out = {**want_out, PLAIN_STEP: V1_OUTPUTS["decoder_step"]}
         for graph, (inputs, outputs, cand) in ios.items():
-            where = self.graph_path(variant, graph)
+            where = f"{self.graph_path(variant, 'decoder_step')} (cut without its decoding controls)" \
+                if graph == PLAIN_STEP else self.graph_path(variant, graph)
             if sorted(inputs) != sorted(want_in[graph]):
                 problems.append(f"{where}: inputs {inputs} (expected {list(want_in[graph])} for format version "
                                 f"{self.format_version})")

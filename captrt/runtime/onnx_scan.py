@@ -72,8 +72,16 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
     """(field number, wire type, value) where value is an int or a memoryview for LEN fields."""
+    for num, wire, value, _, _ in field_spans(buf):
+        yield num, wire, value
+
+
+def field_spans(buf: memoryview) -> Iterator[tuple[int, int, object, int, int]]:
+    """(field number, wire type, value, start, stop) of each field of one message: value as in _fields,
+    buf[start:stop] the field's whole encoding (key included), for editors that copy fields verbatim."""
     pos, end = 0, len(buf)
     while pos < end:
+        start = pos
         key, pos = _varint(buf, pos)
         num, wire = key >> 3, key & 7
         if wire == _VARINT:
@@ -91,7 +99,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, object]]:
             raise OnnxParseError(f"unsupported wire type {wire}")
         if pos > end:
             raise OnnxParseError("truncated field")
-        yield num, wire, value
+        yield num, wire, value, start, pos
 
 
 def _signed64(v: int) -> int:

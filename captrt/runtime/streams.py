@@ -4,7 +4,7 @@ A stream is a slot for one batched search. S streams x T intra-op threads: S bat
 each computing on T cores, over the same weights (one ONNX Runtime session per graph called
 concurrently; one OpenVINO compiled model with NUM_STREAMS = S; one TensorRT engine with an
 execution context per thread). The default, S = 1 and T = all cores, is one batch at a time on every
-core. "auto" is the rule measured on this project's 2-core machine (README "Streams"): a ResNet at
+core. "auto" is the rule measured on this project's 2-core machine (docs/engines.md, "Streams"): a ResNet at
 small batches scales worse across threads than across streams, so one stream per core, one thread each.
 """
 

@@ -191,10 +191,15 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def record(report: QualityReport, key: dict[str, Any], digest: str, source: str) -> dict[str, Any]:
-    """A stored verification: the report, the key it holds for, where it was measured."""
-    return {"engine": key.get("engine"), "precision": key.get("precision"), "source": source,
-            "key": key, "key_sha256": digest, "report": report.to_dict()}
+def record(report: QualityReport, key: dict[str, Any], digest: str, source: str,
+           speed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stored verification: the report, the key it holds for, where it was measured, and (when measured)
+    its speed against fp32 on this machine (captrt.runtime.speed: what precision="auto" ranks by)."""
+    entry = {"engine": key.get("engine"), "precision": key.get("precision"), "source": source,
+             "key": key, "key_sha256": digest, "report": report.to_dict()}
+    if speed is not None:
+        entry["speed"] = speed
+    return entry
 
 
 _MEMORY: dict[tuple[str, str], dict[str, Any]] = {}  # (model path, key digest) -> record, for read-only dirs
@@ -219,6 +224,25 @@ def find_record(model: "ModelDir", key: dict[str, Any], digest: str) -> dict[str
         pass  # absent or unreadable: verify again
     with _MEMORY_LOCK:
         return _MEMORY.get((str(model.path.resolve()), digest))
+
+
+def all_records(model: "ModelDir") -> list[dict[str, Any]]:
+    """Every verification of `model` this machine can see: captrt.json's (source 'export'), then the cached
+    ones (MODEL_DIR/cache/verify, source as recorded: 'verify' or 'load'), then those kept in memory."""
+    out = [{**e, "source": e.get("source", "export")} for e in model.manifest.get("verification", []) or []
+           if isinstance(e, dict) and isinstance(e.get("report"), dict) and isinstance(e.get("key"), dict)]
+    cache = model.path / "cache" / "verify"
+    for path in sorted(cache.glob("*.json")) if cache.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("report"), dict) and isinstance(data.get("key"), dict):
+            out.append(data)
+    root = str(model.path.resolve())
+    with _MEMORY_LOCK:
+        out += [dict(e) for (where, _), e in _MEMORY.items() if where == root]
+    return out
 
 
 def store_record(model: "ModelDir", entry: dict[str, Any]) -> str:
@@ -312,14 +336,18 @@ def check_budget(budget: Any) -> float:
 # ------------------------------------------------------------------------------------ `captrt verify`
 def verify_model(model_dir: Any, engine: str = "ort", device: str | None = None, precision: str = "fp32", *,
                  budget: float | None = None, threads: int | None = None, save: bool = True,
-                 on_batch: Callable[[int], None] | None = None,
+                 on_batch: Callable[[int], None] | None = None, speed: bool = True,
                  **engine_options: Any) -> tuple[QualityReport, dict[str, Any]]:
     """Measure an engine and precision on MODEL_DIR's parity set on this machine, now (never from a cache).
 
-    Returns (report, facts): facts name the model, the engine's numerics and where the result was
-    cached (save=True, only for precisions that need verification), so the next load reuses it.
-    Raises ModelDirError (bad directory, no parity set), ValueError, EngineUnavailableError.
+    Returns (report, facts): facts name the model, the engine's numerics, its speed against the same
+    engine in fp32 (speed=True, for precisions that need verification: captrt.runtime.speed) and where
+    the result was cached (save=True, only for precisions that need verification), so the next load,
+    and precision="auto", reuse it. Raises ModelDirError (bad directory, no parity set), ValueError,
+    EngineUnavailableError.
     """
+    from captrt.runtime.speed import speed_against_fp32
+
     from captrt.runtime.engines import create_engine
     from captrt.runtime.errors import ModelDirError
     from captrt.runtime.model_dir import ModelDir
@@ -335,10 +363,12 @@ def verify_model(model_dir: Any, engine: str = "ort", device: str | None = None,
     try:
         report = measure(backend, parity, model.vocab, budget=budget, on_batch=on_batch)
         key, digest = verification_key(model, backend)
-        saved = store_record(model, record(report, key, digest, "verify")) if save and backend.needs_verification \
-            else None
+        timing = speed_against_fp32(backend, model, parity, threads=threads, **engine_options) \
+            if speed and backend.needs_verification and backend.precision != "fp32" else None
+        saved = store_record(model, record(report, key, digest, "verify", timing)) \
+            if save and backend.needs_verification else None
         facts = {"model": model.model_id, "parity_images": len(parity), "engine": backend.describe(),
-                 "key": key, "needs_verification": backend.needs_verification, "saved": saved}
+                 "key": key, "needs_verification": backend.needs_verification, "saved": saved, "speed": timing}
     finally:
         backend.close()
     return report, facts

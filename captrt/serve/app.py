@@ -125,6 +125,11 @@ def _lifespan(state: ServiceState, captioner: Captioner | None, on_fatal: Callab
             state.batcher = batcher
             metrics.ready.set(1)
             log.info("captrt serve: ready in %.1f s: %s", time.perf_counter() - started, state.captioner)
+            choice = getattr(state.captioner, "precision_choice", None)
+            if choice is not None:  # precision="auto": what it chose, and every candidate with why
+                log.info("captrt serve: precision auto chose %s: %s; candidates: %s", choice.chosen, choice.reason,
+                         "; ".join(f"{c['precision']} {c['status']}" + (f" {c['speedup']:.2f}x" if "speedup" in c
+                                                                        else "") for c in choice.candidates))
 
         loader = loop.create_task(load_then_start())
         try:

@@ -32,7 +32,9 @@ def serve(config: ServeConfig) -> int:
 
     config.validate()
     # A wrong path or a precision the directory lacks fails here, in one line, before anything binds.
-    ModelDir.load(config.model).require_precision(config.precision)
+    model = ModelDir.load(config.model)
+    if config.precision != "auto":  # auto chooses among what the directory has, at load
+        model.require_precision(config.precision)
     _configure_logging(config.log_level)
     failure: list[str] = []
     server: Any = None

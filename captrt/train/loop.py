@@ -116,7 +116,9 @@ class Trainer:
         self.enc_sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.enc_opt, **plateau) if self.enc_opt else None
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
-        self.start_epoch, self.best_bleu4, self.since_improvement = 1, 0.0, 0
+        # best_bleu4 starts below any BLEU-4 (>= 0): the first validated epoch writes best.pt even at 0,
+        # so the path train() returns always exists.
+        self.start_epoch, self.best_bleu4, self.since_improvement = 1, -1.0, 0
         if resumed is not None:
             self._restore(resumed.train_state)
         self.train_inputs = self._inputs(self.train_split.images)

@@ -2,7 +2,7 @@
 
 This is the correctness oracle (the runtime must match it token for token) and the speed baseline
 users have today: like the seed, the attention module re-projects the features for every beam at
-every step. Two deliberate differences from the seed, both documented in the README:
+every step. Two deliberate differences from the seed, both documented in docs/training.md:
 - `max_steps` is the number of decoder steps; the seed's `if step > 50: break` runs 51, so the
   seed is `max_steps=51`.
 - when no hypothesis reaches <end>, the best live one is returned (the seed crashes on max([])).
@@ -200,7 +200,7 @@ def _reference_beam(dec, enc, h, c, prev, prefix, prefix_scores, total, vocab, o
 
 
 def _reference_sample(dec, enc, h, c, prev, words, scores, total, pixels, vocab, opts, sample) -> ReferenceHypothesis:
-    """One sample, one word at a time, with the stream README "Decoding controls" documents."""
+    """One sample, one word at a time, with the random stream docs/decoding.md ("What a step computes") documents."""
     import hashlib
 
     import numpy as np

@@ -1,5 +1,5 @@
-"""benchmarks/serve.py's pure parts: pooling rounds, Prometheus parsing, targets, the RESULTS.md section
-(and run_suite's preservation of it). No server is started; nothing asserts on time."""
+"""benchmarks/serve.py's pure parts and its client's (captrt.bench.load): pooling rounds, Prometheus parsing,
+targets, the RESULTS.md section (and run_suite's preservation of it). No server is started; nothing asserts on time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captrt.bench.sections import SERVE_BEGIN, SERVE_END, append_preserved, extract_section, replace_section
+from captrt.bench import load
+from captrt.bench.sections import (SERVE_BEGIN, SERVE_END, append_preserved, extract_section, replace_section,
+                                   write_section)
 from captrt.bench.serve_process import metric_value
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -47,7 +49,7 @@ captrt_requests_total{method="POST",route="/v1/captions",status="200"} 61.0
 
 
 def _round(mode, latencies, seconds, errors=None, requests=None):
-    r = serve.RoundResult(mode, 32, requests=requests or len(latencies) + sum((errors or {}).values()),
+    r = load.RoundResult(mode, 32, requests=requests or len(latencies) + sum((errors or {}).values()),
                           ok=len(latencies), seconds=seconds, latencies_ms=list(latencies))
     r.errors = Counter(errors or {})
     return r
@@ -61,7 +63,7 @@ def test_summarize_mode_pools_rounds():
     a = _round("on", [10.0, 20.0, 30.0], 2.0, errors={"503": 1})
     b = _round("on", [40.0, 50.0], 3.0)
     batch = {"batches": 3, "batched_images": 5, "mean_batch": 1.67, "server_images": 5}
-    row = serve.summarize_mode("on", 16, 32, [a, b], batch, {"ReadTimeout": 1})
+    row = load.summarize_mode("on", 16, 32, [a, b], batch, {"ReadTimeout": 1})
     pooled = [10.0, 20.0, 30.0, 40.0, 50.0]
     for q in (50, 90, 99):
         assert row["latency_ms"][f"p{q}"] == pytest.approx(float(np.percentile(pooled, q)))
@@ -72,8 +74,8 @@ def test_summarize_mode_pools_rounds():
 
 
 def test_summarize_mode_without_successes():
-    row = serve.summarize_mode("off", 1, 8, [_round("off", [], 1.0, errors={"ConnectError": 4})],
-                               serve.batch_delta(serve.batch_counters(""), serve.batch_counters("")))
+    row = load.summarize_mode("off", 1, 8, [_round("off", [], 1.0, errors={"ConnectError": 4})],
+                               load.batch_delta(load.batch_counters(""), load.batch_counters("")))
     assert row["latency_ms"]["p50"] is None and row["images_per_s"] == 0 and row["errors"] == 4
     assert row["mean_batch"] is None
     assert "| - | - | - | 4 | - |" in serve.format_table([row])
@@ -84,19 +86,19 @@ def test_parse_metric_and_batch_delta():
     assert metric_value(METRICS, "captrt_batch_size_count") == 7.0
     assert metric_value(METRICS, "captrt_batch_size") is None  # only whole sample names match
     assert metric_value(METRICS, "captrt_requests_total") is None  # labelled samples are not this one
-    before = serve.batch_counters("captrt_batch_size_count 2.0\ncaptrt_batch_size_sum 2.0\n"
+    before = load.batch_counters("captrt_batch_size_count 2.0\ncaptrt_batch_size_sum 2.0\n"
                                   "captrt_images_captioned_total 2.0\ncaptrt_inference_seconds_sum 0.02\n")
-    delta = serve.batch_delta(before, serve.batch_counters(METRICS))
+    delta = load.batch_delta(before, load.batch_counters(METRICS))
     assert delta == {"batches": 5, "batched_images": 59, "mean_batch": 11.8, "server_images": 59,
                      "engine_ms_per_image": 20.0}  # (1.2 - 0.02) s over 59 images
 
 
 def test_classify_answers():
     good = b'{"captions": [{"name": "a.jpg", "caption": "x", "error": null}]}'
-    assert serve.classify(200, good) is None
-    assert serve.classify(503, b"{}") == "503"
-    assert serve.classify(200, b"not json") == "200 with a bad body"
-    assert serve.classify(200, b'{"captions": [{"error": "unreadable"}]}') == "200 with a caption error"
+    assert load.classify(200, good) is None
+    assert load.classify(503, b"{}") == "503"
+    assert load.classify(200, b"not json") == "200 with a bad body"
+    assert load.classify(200, b'{"captions": [{"error": "unreadable"}]}') == "200 with a caption error"
 
 
 def test_round_order_is_abba():
@@ -137,10 +139,10 @@ def test_replace_section_replaces_in_place_or_appends():
 
 def test_write_section_file_round_trip(tmp_path):
     path = tmp_path / "RESULTS.md"
-    serve.write_section(path, _section("first"))  # no file yet
+    write_section(path, _section("first"))  # no file yet
     assert path.read_text() == _section("first") + "\n"
     path.write_text("# suite\n\ntable\n\n" + path.read_text())
-    serve.write_section(path, _section("second"))
+    write_section(path, _section("second"))
     assert path.read_text() == "# suite\n\ntable\n\n" + _section("second") + "\n"
     assert not [p for p in tmp_path.iterdir() if p.name != "RESULTS.md"]  # no temporary left behind
 
@@ -159,7 +161,7 @@ def test_run_suite_preserves_the_serve_section(tmp_path):
 
 
 def test_serve_section_renders_with_markers():
-    rows = [{**serve.summarize_mode(m, mb, 32, [_round(m, [100.0, 120.0], 1.0)],
+    rows = [{**load.summarize_mode(m, mb, 32, [_round(m, [100.0, 120.0], 1.0)],
                                     {"batches": 1, "batched_images": 2, "mean_batch": 2.0, "server_images": 2}),
              "concurrency": 32} for m, mb in (("on", 16), ("off", 1))]
     report = {"date": "2026-01-01T00:00:00+00:00", "command": "python benchmarks/serve.py --quick",
@@ -182,11 +184,11 @@ def test_load_uploads_from_a_directory(tmp_path):
     (tmp_path / "b.jpg").write_bytes(b"jpeg bytes")
     (tmp_path / "a.PNG").write_bytes(b"png bytes")
     (tmp_path / "notes.txt").write_text("not an image")
-    uploads, what = serve.load_uploads(tmp_path)
+    uploads, what = load.load_uploads(tmp_path)
     assert [(u.name, u.data, u.content_type) for u in uploads] == [("a.PNG", b"png bytes", "image/png"),
                                                                   ("b.jpg", b"jpeg bytes", "image/jpeg")]
     with pytest.raises(ValueError, match="no such file"):
-        serve.load_uploads(tmp_path / "missing")
+        load.load_uploads(tmp_path / "missing")
 
 
 def test_missing_model_exits_2_with_one_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The int8 graphs give an image the same caption alone or among 15 others (issue 11).
+"""The int8 graphs give an image the same caption alone or among 15 others (the service batches strangers' images).
 
 The decoder's int8 MatMuls use per-row activation scales (captrt.export.quantize.quantize_decoder), the
 encoder fixed calibrated scales, so nothing an image gets depends on its batch. The former dynamic

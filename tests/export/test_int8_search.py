@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from captrt.export.images import synthetic
-from captrt.export.int8_search import search_int8, token_judge
+from captrt.export.int8_search import STEP_ONLY, search_int8, token_judge
 from captrt.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import make_tiny_checkpoint
 from tests.export.int8_helpers import trace_graphs
@@ -52,7 +52,7 @@ def plain(tmp_path_factory):
     return path, trace_graphs(path)
 
 
-def _search(path, images, judge_filter=None, graphs=None, measure=True):
+def _search(path, images, judge_filter=None, graphs=None, measure=True, **options):
     enc, dec = graphs if graphs is not None else trace_graphs(path)
     vocab = load_checkpoint(path).vocab
     judge = token_judge(enc, dec, images[16:], start=vocab.start, end=vocab.end, vocab_size=len(vocab),
@@ -64,7 +64,7 @@ def _search(path, images, judge_filter=None, graphs=None, measure=True):
         verdict = judge(enc8, dec8)
         return verdict if judge_filter is None else judge_filter(enc8, dec8, verdict)
 
-    result = search_int8(enc, dec, images[:16], counting_judge, measure=measure)
+    result = search_int8(enc, dec, images[:16], counting_judge, measure=measure, **options)
     return enc, result, len(calls)
 
 
@@ -129,3 +129,41 @@ def test_a_mix_with_nothing_left_in_int8_is_never_useful():
 
     assert not result(False, 0).useful
     assert result(False, 3).useful and result(True, 0).useful and result(True, None).useful
+
+
+def _timer(ms: dict[str, float], seen: list):
+    """Fixed timings per candidate kind (speed is measured in benchmarks; here it only steers the choice)."""
+    def timer(configs):
+        seen.append(dict(configs))
+        return {name: ms["fp32"] if name == "fp32" else ms["step"] if name == STEP_ONLY else ms["mix"]
+                for name in configs}
+    return timer
+
+
+def test_the_int8_step_alone_ships_when_it_is_the_fastest_candidate(plain, images):
+    seen: list = []
+    enc, result, calls = _search(plain[0], images, graphs=plain[1],
+                                 timer=_timer({"fp32": 100.0, "step": 70.0, "mix": 80.0}, seen))
+    [configs] = seen  # one timing run, every candidate within budget beside fp32
+    assert list(configs) == ["fp32", STEP_ONLY, "minmax, full int8"] and configs[STEP_ONLY][0] is enc
+    assert result.chosen == STEP_ONLY and not result.encoder_int8 and result.encoder is enc
+    assert "MatMulInteger" in [n.op_type for n in result.decoder.graph.node]
+    assert result.useful and result.speedup == pytest.approx(100 / 70, abs=1e-3) and calls == 2
+    report = result.to_report()
+    assert report["chosen"] == STEP_ONLY and report["encoder"].startswith("fp32")
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert set(by_name) == {STEP_ONLY, "minmax, full int8"}
+    for c in by_name.values():  # every candidate with its quality and its speed, measured the same way
+        assert c["passed"] and c["quality"]["passed"] and c["timings_ms"]["fp32"] == 100.0 and c["useful"]
+    assert by_name[STEP_ONLY]["chosen"] and not by_name["minmax, full int8"].get("chosen")
+
+
+def test_a_faster_encoder_mix_ships_and_a_slow_field_is_refused(plain, images):
+    enc, result, _ = _search(plain[0], images, graphs=plain[1],
+                             timer=_timer({"fp32": 100.0, "step": 95.0, "mix": 60.0}, []))
+    assert result.chosen == "minmax, full int8" and result.encoder_int8 and result.encoder is not enc
+    assert result.useful and result.to_report()["encoder"] == "int8"
+    slow = _search(plain[0], images, graphs=plain[1], min_speedup=1.5,
+                   timer=_timer({"fp32": 100.0, "step": 95.0, "mix": 80.0}, []))[1]
+    assert slow.passed and not slow.useful and slow.chosen == "minmax, full int8"  # the fastest, yet not 1.5x
+    assert [c.get("useful") for c in slow.to_report()["candidates"]] == [False, False]

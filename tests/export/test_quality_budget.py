@@ -102,10 +102,13 @@ def test_caption_cli_needs_allow_unverified(forced, tmp_path):
 
 
 def test_verify_command_passes_and_fails(forced):
-    model, _, _ = forced
+    model, manifest, _ = forced
     ok = CliRunner().invoke(app, ["verify", str(model), "--precision", "fp16"])
     assert ok.exit_code == 0, ok.output
-    assert f"{PARITY}/{PARITY} captions equal fp32's" in ok.output or "captions equal fp32's" in ok.output
+    # N/N: the count the export measured for fp16 on this machine (one near-tie flip may cost an image)
+    identical = _record(manifest, "fp16")["report"]["identical"]
+    assert identical >= 0.97 * PARITY
+    assert f"identical: {identical}/{PARITY} captions equal fp32's" in ok.output, ok.output
     assert "passed" in ok.output
     bad = CliRunner().invoke(app, ["verify", str(model), "--precision", "int8", "--json"])
     assert bad.exit_code == 1

@@ -1,4 +1,4 @@
-"""The README's 'embed a Captioner in your own FastAPI app' example runs as printed."""
+"""docs/serving.md's 'embed a Captioner in your own FastAPI app' example runs as printed."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import httpx
 
 from captrt.runtime import Captioner
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 
-def test_readme_embedding_example(serve_model_dir, jpegs):
-    text = README.read_text()
+def test_embedding_example_of_the_serving_page(serve_model_dir, jpegs):
+    text = PAGE.read_text()
     block = re.search(r"<!-- embed-example:begin -->\s*```python\n(.*?)```\s*<!-- embed-example:end -->", text, re.S)
-    assert block, "README lost its embedding example"
+    assert block, "docs/serving.md lost its embedding example"
     code = block.group(1).replace('"MODEL_DIR"', repr(str(serve_model_dir)))
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(code, str(PAGE), "exec"), namespace)
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=namespace["app"])  # the example has no lifespan to run

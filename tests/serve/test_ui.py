@@ -6,20 +6,17 @@ from __future__ import annotations
 import base64
 import io
 import math
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from captrt.bench.browser import CHROMIUM, launch_chromium
 from captrt.runtime import Captioner
 from tests.serve.conftest import API_KEY
 from tests.serve.server_process import ServerProcess
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 BEAM = 3
 HYPOTHESES = 3  # the n-best list the first test asks for (<= BEAM)
 # The attention canvas: how many pixels are drawn (alpha > 0), and the RGBA at each (x, y) fraction.
@@ -61,7 +58,7 @@ def browser():
         pytest.fail("playwright is not installed: it is in the dev extra (`make install`)")
     with sync_playwright() as pw:
         try:
-            chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            chromium = launch_chromium(pw)
         except Error as exc:
             pytest.fail(f"cannot start {CHROMIUM}: {exc}")
         yield chromium

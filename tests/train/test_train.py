@@ -55,7 +55,9 @@ def test_train_writes_checkpoints_and_metrics(prepared, tmp_path):
     assert all(0.0 <= r["val_bleu4"] <= 1.0 and r["train_loss"] > 0 for r in lines)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt.train_state["epoch"] == 2
-    assert (tmp_path / "run" / "best.pt").exists() or best.name == "best.pt"
+    # best.pt is the first epoch with the highest validation BLEU-4 (strictly better replaces it)
+    assert best == tmp_path / "run" / "best.pt" and best.is_file()
+    assert load_checkpoint(best).train_state["epoch"] == max(lines, key=lambda r: r["val_bleu4"])["epoch"]
 
 
 def test_resume_gives_the_same_weights(prepared, tmp_path):

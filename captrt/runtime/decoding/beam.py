@@ -25,6 +25,7 @@ import numpy as np
 from captrt.runtime.decoding.hypotheses import BeamResult, Hypothesis, length_penalty_factor
 from captrt.runtime.decoding.options import LogitRules
 from captrt.runtime.decoding.processing import step_controls
+from captrt.runtime.decoding.trail import StepRecord, trace_attention
 from captrt.runtime.engines.base import DecodeState, Engine
 
 
@@ -68,7 +69,7 @@ class _Prefixed:
         self.top = np.zeros((n, 1), dtype=np.float32)  # cumulative score
         self.seqs = np.zeros((n, 1, 0), dtype=np.int64)  # (N, 1, t) words so far
         self.token_scores = np.zeros((n, 1, 0), dtype=np.float32)
-        self.trail: list[_StepRecord] = []
+        self.trail: list[StepRecord] = []
 
 
 def force_prefix(engine: Engine, state: DecodeState, prefix, rules: LogitRules | None, start: int,
@@ -88,7 +89,7 @@ def force_prefix(engine: Engine, state: DecodeState, prefix, rules: LogitRules |
         out.tokens = np.full((n, 1), word, dtype=np.int64)
         if want_alpha:
             zero = np.zeros((n, 1), dtype=np.int64)
-            out.trail.append(_StepRecord(rows, zero, np.asarray(step.alpha, dtype=np.float32), zero))
+            out.trail.append(StepRecord(rows, zero, np.asarray(step.alpha, dtype=np.float32), zero))
     return out
 
 
@@ -193,7 +194,7 @@ class _Search:
                     tok = np.zeros_like(new_tok)
                     tok[r_idx, p_idx] = new_tok[r_idx, j_idx]
                 if self.want_alpha:  # the attention that produced each selected word is its parent slot's
-                    trail.append(_StepRecord(ids, slot, np.asarray(out.alpha, dtype=np.float32)[rows, slot], picked))
+                    trail.append(StepRecord(ids, slot, np.asarray(out.alpha, dtype=np.float32)[rows, slot], picked))
                 over = (live == 0) | (step >= self.max_steps)
                 for r in np.nonzero(over)[0]:
                     self.results[ids[r]] = self._finish(done[ids[r]], r, int(live[r]), seqs, top,
@@ -228,34 +229,8 @@ class _Search:
         alphas = None
         if trail and hyps:
             at_step, j, finished = picks[0]
-            alphas = _trace_attention(trail, image, at_step, j)
+            alphas = trace_attention(trail, image, at_step, j)
             if finished:
                 alphas = alphas[:-1]  # <end>'s attention dropped
         return BeamResult.of(hyps, alphas)
-
-
-class _StepRecord:
-    """One step's back-pointers: rows' image ids (ascending), selected parent slots and their
-    attention (N, beam[, P]) by selection index, and which selection each next-step slot holds."""
-
-    __slots__ = ("ids", "slot", "alpha", "picked")
-
-    def __init__(self, ids: np.ndarray, slot: np.ndarray, alpha: np.ndarray, picked: np.ndarray):
-        self.ids, self.slot, self.alpha, self.picked = ids, slot, alpha, picked
-
-    def row(self, image: int) -> int:
-        return int(np.searchsorted(self.ids, image))
-
-
-def _trace_attention(trail: list[_StepRecord], image: int, step: int, j: int) -> np.ndarray:
-    """(step, P) attention of the hypothesis selected as j at `step`, following parents back to step 1."""
-    out = []
-    for u in range(step, 0, -1):
-        rec = trail[u - 1]
-        r = rec.row(image)
-        out.append(rec.alpha[r, j])
-        if u > 1:
-            prev = trail[u - 2]
-            j = int(prev.picked[prev.row(image), rec.slot[r, j]])
-    return np.stack(out[::-1])
 

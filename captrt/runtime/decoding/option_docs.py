@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from captrt.runtime.decoding.options import SPECS, DecodingOptions, OptionSpec, option_fields
+from captrt.runtime.decoding.options import SEED_MAX, SPECS, DecodingOptions, OptionSpec, option_fields
 
 _LIMIT_WORDS = {"max_beam": "the model's max_beam", "max_steps_cap": "the caller's cap",
                 "beam_size": "beam_size (with sample: max_beam)", "max_steps": "max_steps - 1"}
@@ -19,9 +20,18 @@ def bounds_text(spec: OptionSpec) -> str:
     """'1 .. the model's max_beam', '> 0 .. 1', '>= 0', '' for unbounded kinds."""
     if spec.low is None:
         return ""
-    low = f"{'> ' if spec.above else ''}{spec.low:g}"
-    high = _LIMIT_WORDS[spec.limit] if spec.limit else (f"{spec.high:g}" if spec.high is not None else None)
+    low = f"{'> ' if spec.above else ''}{_number_text(spec.low)}"
+    high = _LIMIT_WORDS[spec.limit] if spec.limit else (_number_text(spec.high) if spec.high is not None else None)
     return f"{low} .. {high}" if high is not None else f">= {low}"
+
+
+def _number_text(value: float) -> str:
+    return "2^63 - 1" if value == SEED_MAX else f"{value:g}"
+
+
+def _markdown(text: str) -> str:
+    """Special tokens such as <unk> as code, so that a page does not read them as HTML tags."""
+    return re.sub(r"(<[a-z]+>)", r"`\1`", text)
 
 
 def _default_text(value: Any) -> str:
@@ -43,7 +53,7 @@ def options_markdown() -> str:
         spec: OptionSpec = f.metadata["spec"]
         rows.append(f"| `{f.name}` | {_KIND_TYPES[spec.kind]} | {_default_text(getattr(default, f.name))} | "
                     f"{bounds_text(spec)} | {'yes' if spec.graph else ''} | {'yes' if spec.splits_batch else 'no'} | "
-                    f"{spec.help} |")
+                    f"{_markdown(spec.help)} |")
     return "\n".join(rows) + "\n"
 
 

@@ -65,27 +65,28 @@ def option(default: Any, kind: str, help: str, **spec: Any) -> Any:
 class DecodingOptions:
     """How to decode; the defaults are the seed's beam search (docs/decoding.md has the semantics)."""
 
-    beam_size: int = option(5, "int", "beams (1 with sample)", low=1, limit="max_beam", flags=("--beam", "--beam-size"))
-    max_steps: int = option(50, "int", "decoder steps, prefix included", low=1, limit="max_steps_cap")
-    length_penalty: float = option(0.0, "float", "GNMT alpha when ranking finished hypotheses (0 = raw log-probability)",
+    beam_size: int = option(5, "int", "beams per image (1 with sample)", low=1, limit="max_beam", flags=("--beam", "--beam-size"))
+    max_steps: int = option(50, "int", "decoder steps per caption, prefix included", low=1, limit="max_steps_cap")
+    length_penalty: float = option(0.0, "float", "GNMT alpha when ranking finished hypotheses; 0 = the seed's raw "
+                                   "log-probability",
                                    low=0.0)
-    num_hypotheses: int = option(1, "int", "hypotheses returned per image (<= beam_size; with sample, independent "
-                                 "samples)", low=1, limit="beam_size")
-    return_scores: bool = option(False, "bool", "each hypothesis's per-word log-probabilities (token_scores)",
+    num_hypotheses: int = option(1, "int", "hypotheses returned per image (with sample: independent samples)", low=1, limit="beam_size")
+    return_scores: bool = option(False, "bool", "every hypothesis carries token_scores, its per-word log-probabilities",
                                  splits_batch=False)
-    suppress: tuple[str, ...] = option((), "words", "words never generated", graph=True)
-    disable_unk: bool = option(False, "bool", "never generate <unk>", graph=True)
+    suppress: tuple[str, ...] = option((), "words", "words never generated (vocabulary words, no special tokens)", graph=True)
+    disable_unk: bool = option(False, "bool", "<unk> is never generated", graph=True)
     min_length: int = option(0, "int", "<end> is banned until a hypothesis has this many words", low=0,
                              limit="max_steps", graph=True)
-    repetition_penalty: float = option(1.0, "float", "CTRL penalty on words already generated (1 = off)",
+    repetition_penalty: float = option(1.0, "float", "CTRL penalty theta on words already generated; 1 = off",
                                        low=SCALE_MIN, high=SCALE_MAX, graph=True)
-    no_repeat_ngram_size: int = option(0, "int", "no n-gram occurs twice in a hypothesis (0 = off)", low=0, graph=True)
-    prefix: tuple[str, ...] = option((), "words", "words every caption starts with (forced, scored)", graph=True)
-    sample: bool = option(False, "bool", "random sampling instead of beam search (beam_size must be 1)", graph=True)
-    sampling_topk: int = option(0, "int", "sample among the k most likely words (0 = all)", low=0)
-    sampling_topp: float = option(1.0, "float", "nucleus sampling threshold (1 = off)", low=0.0, above=True, high=1.0)
-    sampling_temperature: float = option(1.0, "float", "sampling temperature", low=SCALE_MIN, high=SCALE_MAX)
-    seed: int | None = option(None, "int", "makes sampling reproducible (per image: never depends on the batch)",
+    no_repeat_ngram_size: int = option(0, "int", "no n-gram of this size occurs twice in a hypothesis; 0 = off", low=0, graph=True)
+    prefix: tuple[str, ...] = option((), "words", "words every caption starts with: forced, scored, part of the caption", graph=True)
+    sample: bool = option(False, "bool", "random sampling instead of beam search (needs beam_size 1)", graph=True)
+    sampling_topk: int = option(0, "int", "draw among the k most probable words; 0 = all", low=0)
+    sampling_topp: float = option(1.0, "float", "nucleus: the shortest head of the distribution reaching p; 1 = off", low=0.0, above=True, high=1.0)
+    sampling_temperature: float = option(1.0, "float", "T: draw from softmax(logits / T)", low=SCALE_MIN, high=SCALE_MAX)
+    seed: int | None = option(None, "int", "reproducible draws (per image: never depends on the batch); none = fresh "
+                              "entropy",
                               low=0, high=SEED_MAX, nullable=True)
 
     @classmethod

@@ -23,8 +23,7 @@ from captrt.runtime.engines.base import StepControls
 
 def neutral_controls(n: int, k: int, vocab_size: int) -> StepControls:
     """Controls that change nothing (the default path): one padding id each, theta = 1."""
-    pad = np.full((n, k, 1), vocab_size, dtype=np.int64)
-    return StepControls(pad, pad, np.ones(n, dtype=np.float32))
+    return StepControls.neutral(n, k, vocab_size)
 
 
 def neutral_feeds(n: int, k: int, vocab_size: int) -> dict[str, np.ndarray]:

@@ -19,10 +19,11 @@ import hashlib
 
 import numpy as np
 
-from captrt.runtime.decoding.beam import _StepRecord, _trace_attention, force_prefix
+from captrt.runtime.decoding.beam import force_prefix
 from captrt.runtime.decoding.hypotheses import BeamResult, Hypothesis
 from captrt.runtime.decoding.options import LogitRules
 from captrt.runtime.decoding.processing import step_controls
+from captrt.runtime.decoding.trail import StepRecord, trace_attention
 from captrt.runtime.engines.base import Engine
 
 
@@ -104,7 +105,7 @@ def sample_search(engine: Engine, images: np.ndarray, *, start: int, end: int, v
             tok = np.concatenate([tok, picked[:, :, None]], axis=2)
             if return_attention:
                 parent = origin if step == len(prefix) + 1 else same[:n]
-                trail.append(_StepRecord(ids, parent, np.asarray(out.alpha, dtype=np.float32), same[:n]))
+                trail.append(StepRecord(ids, parent, np.asarray(out.alpha, dtype=np.float32), same[:n]))
             ended = alive & (words == end)
             ended_at[ended] = step
             alive &= ~ended
@@ -138,7 +139,7 @@ def _result(seqs, top, tok, ended_at, trail, image: int, step: int) -> BeamResul
     alphas = None
     if trail:
         at = int(ended_at[0])
-        alphas = _trace_attention(trail, image, at if at else step, 0)
+        alphas = trace_attention(trail, image, at if at else step, 0)
         if at:
             alphas = alphas[:-1]
     return BeamResult.of(hyps, alphas)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from captrt.runtime.engines.base import DEVICES, ENGINE_PRECISIONS, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
+from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
 from captrt.runtime.errors import EngineUnavailableError
+from captrt.runtime.model_dir import ENGINE_PRECISIONS
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir

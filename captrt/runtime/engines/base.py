@@ -38,10 +38,7 @@ if TYPE_CHECKING:  # only for annotations: keeps this module import-light
 
 ENGINES = ("ort", "trt", "torch", "openvino")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# Precisions an engine computes in itself, with no graphs of their own in the model directory: OpenVINO
-# runs the fp32 graphs in bf16 (INFERENCE_PRECISION_HINT). Every other precision names a graph variant.
-ENGINE_PRECISIONS = {"bf16": ("openvino",)}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "bf16-int8")
 
 
 @dataclass
@@ -71,6 +68,12 @@ class StepControls:
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {"ban_ids": self.ban_ids, "penalty_ids": self.penalty_ids, "penalty": self.penalty}
+
+    @classmethod
+    def neutral(cls, n: int, k: int, vocab_size: int) -> "StepControls":
+        """Controls that change nothing (the default path): one padding id each, theta = 1."""
+        pad = np.full((n, k, 1), vocab_size, dtype=np.int64)
+        return cls(pad, pad, np.ones(n, dtype=np.float32))
 
 
 @dataclass
@@ -129,6 +132,31 @@ class Engine(ABC):
         """True when the step graph takes decoding controls (ban_ids, penalty_ids, penalty; the logp
         output): model format version 2. Older directories decode the default path only."""
         return self.model is not None and self.model.controls
+
+    @property
+    def vocab_size(self) -> int:
+        """V: the padding id of the control inputs."""
+        return self.model.vocab_size
+
+    def step_controls(self, n: int, k: int, controls: StepControls | None, want_logp: bool, *,
+                      plain: bool = False) -> StepControls | None:
+        """What one step of N images x K slots feeds its graph: the caller's controls, neutral ones on the
+        default path, or None when the graph that runs takes none: `plain` (the engine runs a step graph
+        without the processing for the default path, captrt.runtime.plain_step) or a format-1 graph, where
+        asking for controls or logp is a ValueError. Every engine resolves its controls here."""
+        if not self.controls:
+            if controls is not None or want_logp:
+                raise ValueError(f"{getattr(self.model, 'path', 'this model')}: the step graph has no decoding "
+                                 "controls (model format version 1): re-export the model with this captrt to use them")
+            return None
+        if controls is None:
+            return None if plain and not want_logp else StepControls.neutral(n, k, self.vocab_size)
+        return controls
+
+    @staticmethod
+    def word_logp(logp: np.ndarray) -> np.ndarray:
+        """A step graph's logp (N, K, V + 1) without its padding column (always -inf, not a word): (N, K, V)."""
+        return logp[..., :-1]
 
     @abstractmethod
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *,

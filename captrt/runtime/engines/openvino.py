@@ -9,7 +9,10 @@ does, and it reads our ONNX graphs as they are (no new files in the model direct
 - bf16 runs the fp32 graphs with INFERENCE_PRECISION_HINT=bf16. It needs avx512_bf16 or amx_bf16:
   without them OpenVINO quietly computes in f32 (checked here: 2026.4 on an AVX2 CPU), so the engine
   checks the CPU flags first and then the precision the compiled model reports, and fails otherwise.
-- int8 runs the int8 graphs (static QDQ encoder, dynamically quantized decoder step).
+- int8 runs the int8 graphs (static QDQ encoder, or the fp32 one when the export chose the int8 step
+  alone; per-row int8 decoder step).
+- bf16-int8 runs the fp32 encoder in bf16 and the int8 variant's step (in ONNX Runtime by default): the
+  bf16 encoder's speed with the int8 step's, where the model's int8 variant exists.
 
 Each graph runs where it measured fastest for its precision (DEFAULT_PLACEMENT; README "Engines",
 benchmarks/RESULTS.md); `encoder_on=` / `step_on=` ('openvino' | 'ort') pick any mix. A graph that
@@ -34,8 +37,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from captrt.runtime.engines.ort import SessionEngine, _Closed, session_options
+from captrt.runtime.engines.ort import (SessionEngine, _Closed, cpu_session, plain_step_bytes, session_io,
+                                       session_options)
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.model_dir import PLAIN_STEP
 from captrt.runtime import hardware
 from captrt.runtime.hardware import cpu_model
 
@@ -60,11 +65,18 @@ DEFAULT_PLACEMENT: dict[str, dict[str, str]] = {
     "fp32": {"encoder": "openvino", "decoder_step": "ort"},
     "bf16": {"encoder": "openvino", "decoder_step": "openvino"},
     "int8": {"encoder": "openvino", "decoder_step": "ort"},
+    # bf16 encoder + the int8 variant's step, which runs fastest in ONNX Runtime's per-row int8 kernels
+    "bf16-int8": {"encoder": "openvino", "decoder_step": "ort"},
 }
-_VARIANT = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}  # precision -> the model directory's graphs
-# int8 asks for f32 too: the non-quantized ops then compute as in ONNX Runtime on every CPU (the plugin's
-# default on AMX CPUs would run them in bf16, i.e. different numbers on different machines).
-_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# precision -> graph -> the model directory's variant it reads (bf16-int8: fp32's encoder, int8's step)
+_VARIANTS = {"fp32": {"encoder": "fp32", "decoder_step": "fp32"}, "bf16": {"encoder": "fp32", "decoder_step": "fp32"},
+             "int8": {"encoder": "int8", "decoder_step": "int8"},
+             "bf16-int8": {"encoder": "fp32", "decoder_step": "int8"}}
+# precision -> graph -> INFERENCE_PRECISION_HINT. int8 asks for f32 too: the non-quantized ops then compute as
+# in ONNX Runtime on every CPU (the plugin's default on AMX CPUs would run them in bf16, i.e. different numbers
+# on different machines).
+_HINTS = {"fp32": {"encoder": "f32", "decoder_step": "f32"}, "bf16": {"encoder": "bf16", "decoder_step": "bf16"},
+          "int8": {"encoder": "f32", "decoder_step": "f32"}, "bf16-int8": {"encoder": "bf16", "decoder_step": "f32"}}
 
 
 def import_openvino() -> Any:
@@ -142,28 +154,26 @@ class OrtGraph:
     inference_precision = "f32"  # ORT's CPU provider computes the graphs' float ops in fp32
 
     def io(self) -> tuple[list[str], list[str], int | None]:
-        outs = self.session.get_outputs()
-        cand = next((o.shape for o in outs if o.name == "cand_logp"), None)
-        last = cand[-1] if cand and isinstance(cand[-1], int) else None
-        return [i.name for i in self.session.get_inputs()], [o.name for o in outs], last
+        return session_io(self.session)
 
 
 class OpenVinoEngine(SessionEngine):
     """OpenVINO CPU plugin (device 'cpu' only). Options: encoder_on / step_on ('openvino' | 'ort'; default
     DEFAULT_PLACEMENT[precision]), cache (True: OpenVINO's compiled-model cache under MODEL_DIR/cache), streams
-    (NUM_STREAMS: concurrent searches over the one compiled model; Captioner.load sets it)."""
+    (NUM_STREAMS: concurrent searches over the one compiled model; Captioner.load sets it), plain_step (True: the
+    default path runs the step graph cut without its decoding controls; False: the format-2 graph)."""
 
     name = "openvino"
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
                  encoder_on: str | None = None, step_on: str | None = None, cache: bool = True, streams: int = 1,
-                 **options: Any):
+                 plain_step: bool = True, **options: Any):
         if options:
             raise ValueError(f"engine 'openvino': unknown option(s) {sorted(options)}")
         if device != "cpu":
             raise ValueError(f"engine 'openvino' runs on the CPU only (device='cpu'), not device={device!r}")
-        if precision not in _VARIANT:
-            raise ValueError(f"engine 'openvino': precision must be one of {', '.join(_VARIANT)}, not {precision!r}")
+        if precision not in _VARIANTS:
+            raise ValueError(f"engine 'openvino': precision must be one of {', '.join(_VARIANTS)}, not {precision!r}")
         placement = dict(DEFAULT_PLACEMENT[precision])
         explicit = set()
         for graph, value in (("encoder", encoder_on), ("decoder_step", step_on)):
@@ -173,10 +183,12 @@ class OpenVinoEngine(SessionEngine):
                                      f"'ort', got {value!r}")
                 placement[graph] = value
                 explicit.add(graph)
-        if precision == "bf16":
+        self.hints, self.variants = _HINTS[precision], _VARIANTS[precision]
+        if "bf16" in self.hints.values():
             check_bf16_cpu()
-        self.variant = _VARIANT[precision]
-        model.require_precision(self.variant)
+        model.require_precision(precision)
+        # what numerics() reports: the variant both graphs come from, or "fp32+int8" for a mix
+        self.variant = "+".join(dict.fromkeys(self.variants.values()))
         self.placement, self.fallbacks = placement, {}  # fallbacks: graph -> why OpenVINO could not run it
         self.threads = threads
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
@@ -187,17 +199,35 @@ class OpenVinoEngine(SessionEngine):
         self._ov = import_openvino() if "openvino" in placement.values() else None
         self.cache_dir: Path | None = None
         self._core = self._new_core(model, precision, cache) if self._ov else None
-        graphs = {g: self._load(model, precision, g, g in explicit) for g in ("encoder", "decoder_step")}
-        super().__init__(graphs["encoder"], graphs["decoder_step"], model.max_beam, model=model, device=device,
-                         precision=precision, threads=threads)
-        model.check_io(self.variant, {g: runner.io() for g, runner in graphs.items()})
+        enc_v, step_v = self.variants["encoder"], self.variants["decoder_step"]
+        encoder = self._load(model.read_graph(enc_v, "encoder"), model.graph_path(enc_v, "encoder"), precision,
+                             "encoder", "encoder" in explicit)
+        step, step_path = model.read_graph(step_v, "decoder_step"), model.graph_path(step_v, "decoder_step")
+        # The default path runs the step graph cut without its decoding controls (captrt.runtime.plain_step);
+        # the format-2 graph is compiled on the first step that has options, where the plain one runs.
+        plain = plain_step_bytes(model, step) if plain_step else None
+
+        def open_controlled() -> OvGraph | OrtGraph:
+            runner = self._load(model.read_graph(step_v, "decoder_step"), step_path, precision, "decoder_step",
+                                "decoder_step" in explicit, lazy=True)
+            model.check_io(step_v, {"decoder_step": runner.io()})
+            return runner
+
+        decoder = self._load(plain if plain is not None else step, step_path, precision, "decoder_step",
+                             "decoder_step" in explicit)
+        del step
+        super().__init__(encoder, decoder, model.max_beam, model=model, device=device, precision=precision,
+                         threads=threads, open_controlled=open_controlled if plain is not None else None)
+        graphs = {"encoder": encoder, "decoder_step": decoder}
+        model.check_io(enc_v, {"encoder": encoder.io()})
+        model.check_io(step_v, {(PLAIN_STEP if self.plain else "decoder_step"): decoder.io()})
         self.effective = {g: graphs[g].inference_precision for g in graphs}
         # A graph placed on 'ort' (asked for explicitly) computes in fp32 and is reported as such.
-        if precision == "bf16" and any(self.effective[g] != "bf16" for g in graphs if self.placement[g] == "openvino"):
+        if any(self.effective[g] != "bf16" for g in graphs if self.placement[g] == "openvino" and self.hints[g] == "bf16"):
             # The flags said yes but the plugin still chose f32 (e.g. a VM hiding the instructions): never run
             # fp32 under the name bf16.
             raise EngineUnavailableError(
-                f"precision 'bf16': OpenVINO {self._ov.__version__} compiled {self.effective} on this CPU "
+                f"precision {precision!r}: OpenVINO {self._ov.__version__} compiled {self.effective} on this CPU "
                 f"({cpu_model()}), not bf16; its CPU plugin needs avx512_bf16 or amx_bf16 at run time")
 
     # -- loading --------------------------------------------------------------------------------
@@ -208,7 +238,7 @@ class OpenVinoEngine(SessionEngine):
             core.set_property({"CACHE_DIR": str(self.cache_dir)})
         return core
 
-    def _ov_config(self, precision: str) -> dict[str, Any]:
+    def _ov_config(self, precision: str, graph: str) -> dict[str, Any]:
         # S streams (default one), latency hint: each batch its parallelism inside each op. Dynamic batch
         # and beam dimensions, compiled once: one compile per (N, K_prev, K) shape class was at most ~5%
         # faster per call here (within this machine's noise) and a shrinking batch would compile dozens.
@@ -217,33 +247,32 @@ class OpenVinoEngine(SessionEngine):
         # pinned 4.5-7.9 ms, unpinned 0.8-1.05 ms (ORT 0.6 ms in the same minutes).
         cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.num_threads, "NUM_STREAMS": self.streams,
                                "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
-        cfg["INFERENCE_PRECISION_HINT"] = _HINT[precision]
+        cfg["INFERENCE_PRECISION_HINT"] = self.hints[graph]
         if precision == "fp32":
             cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0  # never quantize activations on the fly in fp32
         return cfg
 
-    def _load(self, model: "ModelDir", precision: str, graph: str, explicit: bool) -> OvGraph | OrtGraph:
-        data = model.read_graph(self.variant, graph)  # sha256-checked, external data refused
-        path = model.graph_path(self.variant, graph)
+    def _load(self, data: bytes, path: Path, precision: str, graph: str, explicit: bool,
+              lazy: bool = False) -> OvGraph | OrtGraph:
+        """Compile `graph`'s bytes (sha256-checked by ModelDir.read_graph, or cut from such) where its placement
+        says; a graph OpenVINO cannot compile falls back to ONNX Runtime unless placed there explicitly (or bf16).
+        lazy: the format-2 step opened after load; a fallback then leaves the reported placement (the default
+        path's, which the verification covers) as it is and is noted under 'decoder_step (controls)'."""
         if self.placement[graph] == "openvino":
             try:
-                compiled = self._core.compile_model(self._core.read_model(data), "CPU", self._ov_config(precision))
+                compiled = self._core.compile_model(self._core.read_model(data), "CPU", self._ov_config(precision, graph))
                 return OvGraph(compiled)
             except Exception as exc:  # OpenVINO raises RuntimeError/OpConversionFailure/GeneralFailure
                 why = " ".join(str(exc).split())[:400]
-                if explicit or precision == "bf16":
+                if explicit or self.hints[graph] == "bf16":  # ONNX Runtime would mean fp32 under the name bf16
                     raise ModelDirError(f"{path}: OpenVINO {self._ov.__version__} cannot compile this graph: {why}") from None
                 log.warning("%s: OpenVINO cannot compile it (%s); running it in ONNX Runtime", path, why)
-                self.fallbacks[graph] = why
-                self.placement[graph] = "ort"
-        import onnxruntime as ort
-
-        try:
-            session = ort.InferenceSession(data, sess_options=session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
-        return OrtGraph(session)
+                if lazy:
+                    self.fallbacks[f"{graph} (controls)"] = why
+                else:
+                    self.fallbacks[graph] = why
+                    self.placement[graph] = "ort"
+        return OrtGraph(cpu_session(data, path, session_options(self.threads)))
 
     # -- what runs --------------------------------------------------------------------------------
     @property
@@ -281,7 +310,7 @@ class OpenVinoEngine(SessionEngine):
                 "cache_dir": None if self.cache_dir is None else str(self.cache_dir)}
 
     def close(self) -> None:
-        self.encoder = self.decoder = _Closed()  # type: ignore[assignment]
+        self.encoder = self.decoder = self._controlled = _Closed()  # type: ignore[assignment]
         self._core = None
 
 

@@ -8,16 +8,17 @@ that ORT would silently serve on the CPU is an error instead.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from captrt.runtime.decoding.processing import neutral_controls  # the default path's controls, every step
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT
+from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT, PLAIN_STEP
+from captrt.runtime.plain_step import plain_step_graph
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
@@ -76,11 +77,35 @@ def tensorrt_options(model: "ModelDir", precision: str, max_batch: int, opt_batc
                 "trt_profile_max_shapes": shapes(g, 2)} for g in ("encoder", "decoder_step")}
 
 
+def cpu_session(data: bytes, path: Any, so: ort.SessionOptions) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session over a graph's verified bytes (so: session_options()); a graph ONNX Runtime
+    cannot load is a ModelDirError naming `path`."""
+    try:
+        return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
+
+
+def session_io(session: Any) -> tuple[list[str], list[str], int | None]:
+    """(input names, output names, cand_logp's static last dimension or None) of an ONNX Runtime session:
+    what ModelDir.check_io compares with the model format."""
+    outs = session.get_outputs()
+    cand = next((o.shape for o in outs if o.name == "cand_logp"), None)
+    last = cand[-1] if cand and isinstance(cand[-1], int) else None
+    return [i.name for i in session.get_inputs()], [o.name for o in outs], last
+
+
 def input_names(graph: Any) -> list[str]:
     """Input names of an ONNX Runtime session or of a runner with io() (OpenVINO's OvGraph/OrtGraph)."""
     if hasattr(graph, "get_inputs"):
         return [i.name for i in graph.get_inputs()]
     return list(graph.io()[0])
+
+
+def plain_step_bytes(model: "ModelDir", data: bytes) -> bytes | None:
+    """The step graph without its decoding controls (captrt.runtime.plain_step) when the model's step has
+    them (format 2) and the cut applies; None otherwise (the engine then runs `data` as it is)."""
+    return plain_step_graph(data) if model.controls else None
 
 
 class _Closed:
@@ -91,16 +116,25 @@ class _Closed:
 class SessionEngine(Engine):
     """ONNX Runtime decoding on the host over two sessions: numpy in, numpy out.
 
+    `decoder` runs the default path. With `controlled` (a runner) or `open_controlled` (a zero-argument
+    callable that opens it on first use), `decoder` is the plain step graph (captrt.runtime.plain_step:
+    no processing nodes) and the controlled one the model's format-2 step graph, run only for steps
+    with decoding controls or logp; without either, `decoder` is the model's step graph itself (format
+    1, or format 2 fed neutral controls).
     OrtEngine opens its sessions from a model directory; the exporter's parity gate uses this class
     on graphs that are not in a model directory yet, so it checks the very search users run."""
 
     name = "ort"
 
     def __init__(self, encoder: Any, decoder: Any, max_beam: int, *, model: "ModelDir | None" = None,
-                 device: str = "cpu", precision: str = "fp32", threads: int | None = None):
+                 device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 controlled: Any = None, open_controlled: Callable[[], Any] | None = None):
         super().__init__(model, device=device, precision=precision, threads=threads)  # type: ignore[arg-type]
         self.encoder, self.decoder, self._max_beam = encoder, decoder, int(max_beam)
-        self._controls = set(CONTROL_INPUTS) <= set(input_names(decoder))  # format version 2's step graph
+        self._controlled, self._open_controlled = controlled, open_controlled
+        self._controlled_lock = threading.Lock()
+        self.plain = controlled is not None or open_controlled is not None  # `decoder` is the plain step graph
+        self._controls = self.plain or set(CONTROL_INPUTS) <= set(input_names(decoder))  # format version 2
         self._vocab_size = model.vocab_size if model is not None else None
 
     @property
@@ -125,38 +159,50 @@ class SessionEngine(Engine):
     def controls(self) -> bool:
         return self._controls
 
-    def control_feeds(self, tokens: np.ndarray, controls: StepControls | None,
-                      want_logp: bool) -> dict[str, np.ndarray]:
-        """The control inputs of one step: `controls`, or neutral ones on the default path (an old-format
-        graph has none, and then asking for controls or logp is an error)."""
-        if not self._controls:
-            if controls is not None or want_logp:
-                raise ValueError("this step graph has no decoding controls (model format version 1): "
-                                 "re-export the model with this captrt to use them")
-            return {}
-        if controls is None:
-            controls = neutral_controls(*tokens.shape, self.vocab_size)
-        return controls.feeds()
+    def controlled_step(self) -> Any:
+        """The step graph with decoding controls: `decoder` itself, or the format-2 graph beside the plain one
+        (opened on the first step that needs it; later steps, from any thread, reuse it)."""
+        if not self.plain:
+            return self.decoder
+        if self._controlled is None:
+            with self._controlled_lock:
+                if self._controlled is None:
+                    self._controlled = self._open_controlled()  # type: ignore[misc]
+        return self._controlled
+
+    @property
+    def controlled_open(self) -> bool:
+        """True when the step graph with decoding controls is open (always, unless a plain one serves the
+        default path and no step has needed the controls yet)."""
+        return not self.plain or self._controlled is not None
+
+    def step_graph(self, controls: StepControls | None) -> Any:
+        """The step graph that runs a step fed `controls` (None: no control inputs)."""
+        return self.decoder if controls is None else self.controlled_step()
+
+    def resolve(self, tokens: np.ndarray, controls: StepControls | None, want_logp: bool) -> StepControls | None:
+        return self.step_controls(*tokens.shape, controls, want_logp, plain=self.plain)
 
     @property
     def vocab_size(self) -> int:
         """V, the padding id of the control inputs."""
         if self._vocab_size is None:
-            self._vocab_size = int(next(o.shape[-1] for o in self.decoder.get_outputs() if o.name == LOGP_OUTPUT)) - 1
+            outputs = self.controlled_step().get_outputs()
+            self._vocab_size = int(next(o.shape[-1] for o in outputs if o.name == LOGP_OUTPUT)) - 1
         return self._vocab_size
 
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
              controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         assert isinstance(state, HostState)
+        resolved = self.resolve(tokens, controls, want_logp)
         feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64),
                  "origin": np.ascontiguousarray(origin, dtype=np.int64), "h": state.h, "c": state.c,
                  "features": state.features, "att_proj": state.att_proj,
-                 **self.control_feeds(tokens, controls, want_logp)}
+                 **(resolved.feeds() if resolved is not None else {})}
         names = list(DECODER_OUTPUTS) + ([LOGP_OUTPUT] if want_logp else [])
-        h, c, alpha, cand_logp, cand_ids, *logp = self.decoder.run(names, feeds)
+        h, c, alpha, cand_logp, cand_ids, *logp = self.step_graph(resolved).run(names, feeds)
         state.h, state.c, state.beams = h, c, tokens.shape[1]
-        # logp: the graph's (N, K, V + 1); the padding column (always -inf) is not a word
-        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None, logp[0][..., :-1] if logp else None)
+        return StepOutput(cand_logp, cand_ids, alpha if want_alpha else None, self.word_logp(logp[0]) if logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, HostState)
@@ -168,14 +214,16 @@ class SessionEngine(Engine):
 class OrtEngine(SessionEngine):
     """ONNX Runtime. Options: providers ('cpu' | 'cuda' | 'tensorrt'; default from device),
     device_id (0), max_batch / opt_batch / opt_beam (TensorRT profiles), log_level (3),
-    io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast)."""
+    io_binding (default: on for the GPU, off for the CPU, where plain run() is as fast), plain_step
+    (True: the default path runs the step graph cut without its decoding controls; False: the format-2
+    graph with neutral controls, as benchmarks compare)."""
 
     name = "ort"
 
     def __init__(self, model: "ModelDir", *, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, providers: str | None = None, device_id: int = 0,
                  max_batch: int = 32, opt_batch: int = 8, opt_beam: int = 5, log_level: int = 3,
-                 io_binding: bool | None = None, **options: Any):
+                 io_binding: bool | None = None, plain_step: bool = True, **options: Any):
         if options:
             raise ValueError(f"engine 'ort': unknown option(s) {sorted(options)}")
         kind = providers or device
@@ -205,41 +253,51 @@ class OrtEngine(SessionEngine):
             if problem:
                 raise EngineUnavailableError(f"device='cuda': {problem}")
         trt = tensorrt_options(model, precision, max_batch, opt_batch, opt_beam) if kind == "tensorrt" else None
-        encoder = self._session(model, variant, "encoder", so, trt)
-        decoder = self._session(model, variant, "decoder_step", so, trt)
+        encoder = self._session(model.read_graph(variant, "encoder"), model.graph_path(variant, "encoder"),
+                                so, trt and trt["encoder"])
+        step, step_path = model.read_graph(variant, "decoder_step"), model.graph_path(variant, "decoder_step")
+        # The default path runs the step graph cut without its decoding controls; the format-2 graph opens on the
+        # first step that has options. Not under the TensorRT EP: a second graph there is a second engine build
+        # (minutes), for a processing that costs a few small kernels on the GPU.
+        plain = plain_step_bytes(model, step) if kind != "tensorrt" and plain_step else None
+
+        def open_controlled() -> ort.InferenceSession:
+            session = self._session(model.read_graph(variant, "decoder_step"), step_path, so, None)
+            model.check_io(variant, {"decoder_step": session_io(session)})
+            return session
+
+        if plain is not None:
+            decoder = self._session(plain, step_path, so, None)
+        else:
+            decoder = self._session(step, step_path, so, trt and trt["decoder_step"])
+        del step  # the sessions hold the weights; the graph's bytes need not stay in memory too
         super().__init__(encoder, decoder, model.max_beam, model=model, device=device, precision=precision,
-                         threads=threads)
-        self._check_io()
+                         threads=threads, open_controlled=open_controlled if plain is not None else None)
+        model.check_io(variant, {"encoder": session_io(self.encoder),
+                                 (PLAIN_STEP if self.plain else "decoder_step"): session_io(self.decoder)})
         self._provider = self.decoder.get_providers()[0]
         self._cuda = None
         if io_binding if io_binding is not None else kind != "cpu":
             from captrt.runtime.engines.ort_cuda import CudaBinding
 
-            self._cuda = CudaBinding(self.encoder, self.decoder, device_id, "cpu" if kind == "cpu" else "cuda")
+            self._cuda = CudaBinding(self.encoder, device_id, "cpu" if kind == "cpu" else "cuda")
 
-    def _session(self, model: "ModelDir", variant: str, graph: str, so: ort.SessionOptions,
-                 trt: dict[str, dict[str, Any]] | None) -> ort.InferenceSession:
-        data = model.read_graph(variant, graph)
+    def _session(self, data: bytes, path: Any, so: ort.SessionOptions,
+                 trt: dict[str, Any] | None) -> ort.InferenceSession:
+        """A session of this engine's provider over a graph's bytes (trt: the TensorRT EP's options of that graph)."""
         if self.kind == "cpu":
-            providers: list[Any] = ["CPUExecutionProvider"]
-        else:
-            cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
-            providers = [("TensorrtExecutionProvider", {"device_id": self.device_id, **trt[graph]}), cuda] if trt else [cuda]
-        path = model.graph_path(variant, graph)
-        try:
-            if self.kind == "cpu":
-                session = ort.InferenceSession(data, sess_options=so, providers=providers)
-            else:
-                from captrt.runtime.engines.cuda_setup import quiet_onnxruntime
+            return cpu_session(data, path, so)
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        providers = [("TensorrtExecutionProvider", {"device_id": self.device_id, **trt}), cuda] if trt else [cuda]
+        from captrt.runtime.engines.cuda_setup import quiet_onnxruntime
 
-                with quiet_onnxruntime():  # its multi-line provider warnings would bury our one line
-                    session = ort.InferenceSession(data, sess_options=so, providers=providers)
+        try:
+            with quiet_onnxruntime():  # its multi-line provider warnings would bury our one line
+                session = ort.InferenceSession(data, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            if self.kind != "cpu":
-                why = self._gpu_problem()
-                raise EngineUnavailableError(f"device='cuda': {why}" if why else
-                                             f"{path}: ONNX Runtime could not create a {self.kind} session: {exc}") from None
-            raise ModelDirError(f"{path}: ONNX Runtime cannot load this graph: {str(exc)[:500]}") from None
+            why = self._gpu_problem()
+            raise EngineUnavailableError(f"device='cuda': {why}" if why else
+                                         f"{path}: ONNX Runtime could not create a {self.kind} session: {exc}") from None
         wanted = _PROVIDER_NAMES[self.kind]
         actual = session.get_providers()[0]
         if actual != wanted:
@@ -261,14 +319,6 @@ class OrtEngine(SessionEngine):
 
         return diagnose(self.cuda_setup, self.kind) if self.cuda_setup is not None else None
 
-    def _check_io(self) -> None:
-        def io(session: ort.InferenceSession) -> tuple[list[str], list[str], int | None]:
-            cand = next((o.shape for o in session.get_outputs() if o.name == "cand_logp"), None)
-            last = cand[-1] if cand and isinstance(cand[-1], int) else None
-            return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()], last
-
-        self.model.check_io(self.variant, {"encoder": io(self.encoder), "decoder_step": io(self.decoder)})
-
     @property
     def provider(self) -> str:
         return self._provider
@@ -288,9 +338,10 @@ class OrtEngine(SessionEngine):
     def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, *, want_alpha: bool = False,
              controls: StepControls | None = None, want_logp: bool = False) -> StepOutput:
         if self._cuda is not None:
-            return self._cuda.step(state, np.ascontiguousarray(tokens, dtype=np.int64),
+            resolved = self.resolve(tokens, controls, want_logp)
+            return self._cuda.step(self.step_graph(resolved), state, np.ascontiguousarray(tokens, dtype=np.int64),
                                    np.ascontiguousarray(origin, dtype=np.int64), want_alpha,
-                                   self.control_feeds(tokens, controls, want_logp), want_logp)
+                                   resolved.feeds() if resolved is not None else {}, want_logp)
         return super().step(state, tokens, origin, want_alpha=want_alpha, controls=controls, want_logp=want_logp)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
@@ -304,7 +355,7 @@ class OrtEngine(SessionEngine):
 
     def close(self) -> None:
         # Drop the sessions (their memory goes with them); calls after close fail with a clear message.
-        self.encoder = self.decoder = self._cuda = _Closed()  # type: ignore[assignment]
+        self.encoder = self.decoder = self._cuda = self._controlled = _Closed()  # type: ignore[assignment]
 
     def describe(self) -> dict[str, Any]:
         facts = {**super().describe(), "providers": self.kind, "io_binding": self._cuda is not None,

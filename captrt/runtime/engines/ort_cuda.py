@@ -18,7 +18,7 @@ from math import prod
 import numpy as np
 import onnxruntime as ort
 
-from captrt.runtime.engines.base import DecodeState, StepOutput
+from captrt.runtime.engines.base import DecodeState, Engine, StepOutput
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,8 @@ class CudaBinding:
     re-uploads) on a machine without a GPU, which is how it is tested there.
     """
 
-    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, device_id: int,
-                 device: str = "cuda"):
-        self.encoder, self.decoder, self.device_id, self.device = encoder, decoder, device_id, device
+    def __init__(self, encoder: ort.InferenceSession, device_id: int, device: str = "cuda"):
+        self.encoder, self.device_id, self.device = encoder, device_id, device
 
     def encode(self, images: np.ndarray) -> CudaState:
         b = self.encoder.io_binding()
@@ -90,11 +89,12 @@ class CudaBinding:
         return CudaState(batch=n, beams=1, features=features, att_proj=att_proj,
                          h=h0.reshape(n, 1, h0.shape[-1]), c=c0.reshape(n, 1, c0.shape[-1]))
 
-    def step(self, state: DecodeState, tokens: np.ndarray, origin: np.ndarray, want_alpha: bool,
-             controls: dict[str, np.ndarray] | None = None, want_logp: bool = False) -> StepOutput:
-        """controls: the step's control inputs (OrtEngine.control_feeds; empty for a format-1 graph)."""
+    def step(self, decoder: ort.InferenceSession, state: DecodeState, tokens: np.ndarray, origin: np.ndarray,
+             want_alpha: bool, controls: dict[str, np.ndarray] | None = None, want_logp: bool = False) -> StepOutput:
+        """decoder: the step graph this step runs (plain, or with controls); controls: its control inputs
+        (Engine.step_controls' feeds; empty for a plain or format-1 graph)."""
         assert isinstance(state, CudaState)
-        b = self.decoder.io_binding()
+        b = decoder.io_binding()
         b.bind_cpu_input("tokens", tokens)
         b.bind_cpu_input("origin", origin)
         for name, value in (controls or {}).items():  # small (N, K, B) id lists go up with the tokens
@@ -109,11 +109,11 @@ class CudaBinding:
         b.bind_output("cand_ids", "cpu")
         if controls:  # a format-2 graph: the (N, K, V) log-probs come down only for prefixes and sampling
             b.bind_output("logp", *(("cpu", 0) if want_logp else (self.device, self.device_id)))
-        self.decoder.run_with_iobinding(b)
+        decoder.run_with_iobinding(b)
         h, c, alpha, cand_logp, cand_ids, *logp = b.get_outputs()
         state.h, state.c, state.beams = DeviceTensor.wrap(h), DeviceTensor.wrap(c), tokens.shape[1]
         return StepOutput(cand_logp.numpy(), cand_ids.numpy(), alpha.numpy() if want_alpha else None,
-                          logp[0].numpy()[..., :-1] if want_logp else None)  # the padding column dropped
+                          Engine.word_logp(logp[0].numpy()) if want_logp else None)
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         assert isinstance(state, CudaState)

@@ -27,7 +27,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from captrt.runtime.engines import trt_build as tb
-from captrt.runtime.decoding.processing import neutral_controls  # the default path's controls, every step
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
@@ -370,7 +369,7 @@ class TrtEngine(Engine):
             logp = self._download(slot, ws.addr["cand_logp"], (n, k, c), io["cand_logp"][1])
             ids = self._download(slot, ws.addr["cand_ids"], (n, k, c), io["cand_ids"][1])
             alpha = self._download(slot, ws.addr["alpha"], (n, k, p), io["alpha"][1]) if want_alpha else None
-            full = self._download(slot, ws.addr["logp"], (n, k, m.vocab_size + 1), io["logp"][1])[..., :-1] \
+            full = self.word_logp(self._download(slot, ws.addr["logp"], (n, k, m.vocab_size + 1), io["logp"][1])) \
                 if want_logp else None
         ws.cur, state.beams = b, k
         return StepOutput(logp.astype(np.float32, copy=False), ids.astype(np.int64, copy=False),
@@ -378,15 +377,12 @@ class TrtEngine(Engine):
                           None if full is None else full.astype(np.float32, copy=False))
 
     def _control_arrays(self, n: int, k: int, controls: StepControls | None, want_logp: bool) -> dict[str, np.ndarray]:
-        """The control inputs to upload ({} for a format-1 engine), checked against the profile."""
-        m = self.model
-        if not m.controls:
-            if controls is not None or want_logp:
-                raise ValueError(f"{m.path}: model format version {m.format_version} has no decoding controls: "
-                                 "re-export the model with this captrt to use them")
-            return {}
+        """The control inputs to upload ({} for a format-1 engine), checked against the profile. The engine
+        builds one TensorRT engine per graph, the format-2 step with its controls (neutral on the default
+        path): a plain step graph beside it would be a second build for a few small kernels' work."""
+        controls = self.step_controls(n, k, controls, want_logp)
         if controls is None:
-            controls = neutral_controls(n, k, m.vocab_size)
+            return {}
         for name, arr in (("ban_ids", controls.ban_ids), ("penalty_ids", controls.penalty_ids)):
             if arr.shape[:2] != (n, k) or not 1 <= arr.shape[2] <= tb.MAX_CONTROL_IDS:
                 raise ValueError(f"{name}: shape {arr.shape}; this TensorRT profile takes (N={n}, K={k}, 1.."

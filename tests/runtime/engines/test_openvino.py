@@ -26,7 +26,7 @@ from tests.runtime.threads import assert_thread_safe
 pytest.importorskip("openvino")
 from captrt.runtime.engines import openvino as ov_engine  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HAS_BF16 = any(f in hardware.all_cpu_flags() for f in ov_engine.BF16_FLAGS)
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
 

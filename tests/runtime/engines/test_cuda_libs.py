@@ -22,7 +22,7 @@ from captrt.runtime.engines.cuda_libs import CudaLibrary, LibraryState, find_in,
 from captrt.runtime.engines.cuda_setup import NO_DRIVER_ADVICE, CudaSetup
 from tests.conftest import random_images
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 CUDA13 = ["nvidia/cu13/lib/libcudart.so.13", "nvidia/cu13/lib/libcublasLt.so.13", "nvidia/cu13/lib/libcublas.so.13",
           "nvidia/cu13/lib/libcufft.so.12", "nvidia/cu13/lib/libcurand.so.10", "nvidia/cu13/lib/libnvrtc.so.13",

@@ -25,7 +25,7 @@ from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ModelDir
 from tests.conftest import tiny_vocab
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def fake_model_dir(root: Path, *, grid: int = 4, max_beam: int = 6, dims: tuple[int, int, int] = (512, 48, 40),
