@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "demo_out", n_images: int = 1600, epochs: int = 8
 
     _say("caption: the torch-free runtime (ONNX Runtime, CPU) with attention maps")
     from captrt.runtime import Captioner
-    from captrt.runtime.cli_caption import caption_files
+    from captrt.cli.caption import caption_files
 
     samples = [p for p, _ in result.predictions[:4]]
     caption_files(samples, out / "model", attention_dir=str(out / "attention"))

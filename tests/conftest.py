@@ -79,3 +79,42 @@ def demo_sized_export(tmp_path_factory):
     ckpt = make_varied_length_checkpoint(d / "demo.pt", backbone="resnet18", enc_size=8, dim=256)
     manifest = export_model(ckpt, d / "model", parity_count=50, progress=False)
     return d / "model", manifest
+
+
+# Session-wide model directories of the runtime, CLI and service tests: exported once, shared by every test file.
+@pytest.fixture(scope="session")
+def varied_checkpoint(tmp_path_factory):
+    """Image-dependent captions of 2-17 words (end_bias -5)."""
+    from tests.runtime.checkpoints import make_varied_checkpoint
+    from tests.runtime.reference_helpers import torch_threads
+
+    with torch_threads(1):
+        return make_varied_checkpoint(tmp_path_factory.mktemp("varied") / "varied.pt", end_bias=-5.0)
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(varied_checkpoint, tmp_path_factory):
+    from tests.runtime.modeldirs import make_model_dir
+    from tests.runtime.reference_helpers import torch_threads
+
+    with torch_threads(1):
+        return make_model_dir(varied_checkpoint, tmp_path_factory.mktemp("varied_md") / "model")
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(tmp_path_factory):
+    """<end> never wins (end_bias -1e4): every search runs to max_steps with nothing completed."""
+    from tests.runtime.checkpoints import make_varied_checkpoint
+    from tests.runtime.reference_helpers import torch_threads
+
+    with torch_threads(1):
+        return make_varied_checkpoint(tmp_path_factory.mktemp("endless") / "endless.pt", end_bias=-1e4)
+
+
+@pytest.fixture(scope="session")
+def endless_model_dir(endless_checkpoint, tmp_path_factory):
+    from tests.runtime.modeldirs import make_model_dir
+    from tests.runtime.reference_helpers import torch_threads
+
+    with torch_threads(1):
+        return make_model_dir(endless_checkpoint, tmp_path_factory.mktemp("endless_md") / "model")

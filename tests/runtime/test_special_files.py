@@ -90,7 +90,7 @@ def test_load_image_names_the_special_file(specials):
 
 
 def test_captrt_caption_refuses_special_files_and_captions_the_rest(varied_model_dir, specials, tmp_path):
-    from captrt.runtime.cli_caption import EXIT_SOME_FAILED, caption_files
+    from captrt.cli.caption import EXIT_SOME_FAILED, caption_files
 
     good = tmp_path / "good.png"
     Image.fromarray(random_images(1, seed=5)[0]).save(good)

@@ -3,7 +3,7 @@
 `DecodingOptions` is the single source of truth for the options: each field's type, default, bounds,
 one-line help, whether it needs the format-2 step graph and whether it splits service batches live in
 its `option(...)` metadata (`OptionSpec`). Every entry point derives from it: Captioner.caption, the
-`captrt caption`/`batch` flags (captrt.cli_flags), the service's query/form parsing and its OpenAPI
+`captrt caption`/`batch` flags (captrt.cli.flags), the service's query/form parsing and its OpenAPI
 schema (captrt.serve.upload), and the option table in docs/decoding.md (`options_markdown`). Text from a
 command line or a request goes through `parse_option_text` (one strict parser: ASCII digits only), then
 `check`, so a bad value gets the same message, naming the field, everywhere.

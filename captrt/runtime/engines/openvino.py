@@ -14,7 +14,7 @@ does, and it reads our ONNX graphs as they are (no new files in the model direct
 - bf16-int8 runs the fp32 encoder in bf16 and the int8 variant's step (in ONNX Runtime by default): the
   bf16 encoder's speed with the int8 step's, where the model's int8 variant exists.
 
-Each graph runs where it measured fastest for its precision (DEFAULT_PLACEMENT; README "Engines",
+Each graph runs where it measured fastest for its precision (DEFAULT_PLACEMENT; docs/engines.md,
 benchmarks/RESULTS.md); `encoder_on=` / `step_on=` ('openvino' | 'ort') pick any mix. A graph that
 OpenVINO cannot read or compile falls back to ONNX Runtime when its placement was the default (never
 for bf16, where ONNX Runtime would mean fp32), and describe()/numerics() say which ran where.

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from captrt.cli import app
-from captrt.cli_flags import options_from_flags
+from captrt.cli.flags import options_from_flags
 from captrt.runtime.decoding import DecodingOptionError, DecodingOptions
 from captrt.runtime.decoding.option_docs import option_json_schema, options_markdown
 from captrt.runtime.decoding.options import SPECS, option_names, parse_option_text
