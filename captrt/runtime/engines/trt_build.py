@@ -23,15 +23,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from captrt.atomic import atomic_path
+from captrt.runtime import graph_contract
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS, V1_INPUTS, V1_OUTPUTS
 
 log = logging.getLogger("captrt.runtime.trt")
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-# Tensor names of docs/model-format.md (repeated here: captrt.export imports torch).
 
 CACHE_FORMAT = "captrt-trt-cache"
 CACHE_VERSION = 1
@@ -131,21 +129,13 @@ def trt_logger(trt: Any) -> Any:
 
 # ---------------------------------------------------------------- optimization profiles
 
-def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attention_dim: int, decoder_dim: int,
-                   max_beam: int, max_batch: int, opt_batch: int | None = None,
-                   opt_beam: int | None = None, controls: bool = True) -> dict[str, Profile]:
-    """One optimization profile per graph, covering batch 1..max_batch and beam 1..max_beam.
-
-    encoder:      image (N, S, S, 3)
-    decoder_step: tokens/origin (N, K), h/c (N, K_prev, H), features (N, P, E), att_proj (N, P, A);
-                  K and K_prev range independently over 1..max_beam (K_prev = 1 at the first step);
-                  with controls (format version 2) ban_ids/penalty_ids (N, K, 1..MAX_CONTROL_IDS),
-                  optimized for 1 (the default path's padding), and penalty (N,).
-    opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width).
-    """
-    sizes = dict(image_size=image_size, num_pixels=num_pixels, encoder_dim=encoder_dim, attention_dim=attention_dim,
-                 decoder_dim=decoder_dim, max_beam=max_beam, max_batch=max_batch)
-    for name, value in sizes.items():
+def dim_ranges(*, max_batch: int, max_beam: int, opt_batch: int | None = None,
+               opt_beam: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every dynamic dimension of the graphs (captrt.runtime.graph_contract), covering batch
+    1..max_batch and beam 1..max_beam; K and K_prev range independently (K_prev = 1 at the first step, h0/c0).
+    The control id lists (format version 2) run from 1 to MAX_CONTROL_IDS, optimized for 1 (the default path's
+    padding). opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width)."""
+    for name, value in (("max_beam", max_beam), ("max_batch", max_batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     ob = min(8, max_batch) if opt_batch is None else opt_batch
@@ -154,28 +144,29 @@ def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attent
         raise ValueError(f"opt_batch: expected an integer in 1..max_batch={max_batch}, got {opt_batch!r}")
     if not isinstance(ok, int) or not 1 <= ok <= max_beam:
         raise ValueError(f"opt_beam: expected an integer in 1..max_beam={max_beam}, got {opt_beam!r}")
+    ids = (1, 1, MAX_CONTROL_IDS)
+    return {graph_contract.BATCH.name: (1, ob, max_batch), graph_contract.BEAMS.name: (1, ok, max_beam),
+            graph_contract.PREV_BEAMS.name: (1, ok, max_beam), graph_contract.BANNED.name: ids,
+            graph_contract.PENALIZED.name: ids}
 
-    def dyn(*tail: int, beam: bool = False) -> tuple[Shape, Shape, Shape]:
-        if beam:
-            return (1, 1, *tail), (ob, ok, *tail), (max_batch, max_beam, *tail)
-        return (1, *tail), (ob, *tail), (max_batch, *tail)
 
-    p = num_pixels
-    step: Profile = {"tokens": dyn(beam=True), "origin": dyn(beam=True), "h": dyn(decoder_dim, beam=True),
-                     "c": dyn(decoder_dim, beam=True), "features": dyn(p, encoder_dim), "att_proj": dyn(p, attention_dim)}
-    if controls:
-        ids = ((1, 1, 1), (ob, ok, 1), (max_batch, max_beam, MAX_CONTROL_IDS))
-        step.update({"ban_ids": ids, "penalty_ids": ids, "penalty": dyn()})
-    return {"encoder": {"image": dyn(image_size, image_size, 3)}, "decoder_step": step}
+def graph_profiles(sizes: Mapping[str, int], ranges: Mapping[str, tuple[int, int, int]], *,
+                   version: int = graph_contract.LATEST_VERSION) -> dict[str, Profile]:
+    """One optimization profile per graph: every input of the contract (format `version`), its fixed dimensions
+    from `sizes` (graph_contract.sizes) and its dynamic ones over `ranges` (dim_ranges)."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    at = [{**sizes, **{dim: r[i] for dim, r in ranges.items()}} for i in range(3)]  # min, opt, max
+    return {name: {t.name: (t.resolve(at[0]), t.resolve(at[1]), t.resolve(at[2]))
+                   for t in graph_contract.graph(name, version).inputs} for name in graph_contract.GRAPHS}
 
 
 def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = None,
                        opt_beam: int | None = None) -> dict[str, Profile]:
     """graph_profiles() with the dimensions of a captrt.runtime.model_dir.ModelDir."""
-    d = model.dims
-    return graph_profiles(image_size=model.image_size, num_pixels=model.num_pixels, encoder_dim=d["encoder_dim"],
-                          attention_dim=d["attention_dim"], decoder_dim=d["decoder_dim"], max_beam=model.max_beam,
-                          max_batch=max_batch, opt_batch=opt_batch, opt_beam=opt_beam, controls=model.controls)
+    ranges = dim_ranges(max_batch=max_batch, max_beam=model.max_beam, opt_batch=opt_batch, opt_beam=opt_beam)
+    return graph_profiles(model.sizes, ranges, version=model.format_version)
 
 
 # ---------------------------------------------------------------- cache keys
@@ -401,17 +392,16 @@ def engine_io(trt: Any, engine: Any) -> IoTable:
     return table
 
 
-def check_engine_io(io: Mapping[str, IoTable], max_beam: int, controls: bool = True) -> None:
-    """Names as in the model format (controls: version 2's); buffers shared by two tensors agree on
-    dtype; C == max_beam."""
-    want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if controls else (V1_INPUTS, V1_OUTPUTS)
+def check_engine_io(io: Mapping[str, IoTable], max_beam: int, version: int = graph_contract.LATEST_VERSION) -> None:
+    """Names as in the model format (of `version`); tensors that share a device buffer (graph_contract.CARRIED)
+    agree on dtype; C == max_beam."""
     for graph, table in io.items():
+        want = graph_contract.graph(graph, version)
         ins = {n for n, v in table.items() if v[0]}
-        if ins != set(want_in[graph]) or set(table) - ins != set(want_out[graph]):
+        if ins != set(want.input_names) or set(table) - ins != set(want.output_names):
             raise ModelDirError(f"{graph}: TensorRT engine has I/O {sorted(table)}, not the model format's")
     enc, dec = io["encoder"], io["decoder_step"]
-    for a, b, c in (("features", "features", None), ("att_proj", "att_proj", None),
-                    ("h0", "h", "h_out"), ("c0", "c", "c_out")):
+    for b, (a, c) in graph_contract.CARRIED.items():
         kinds = {enc[a][1], dec[b][1]} | ({dec[c][1]} if c else set())
         if len(kinds) != 1:  # one device buffer is written as one tensor and read as the other
             raise ModelDirError(f"encoder {a} / decoder_step {b}: dtypes differ {sorted(map(str, kinds))}")
