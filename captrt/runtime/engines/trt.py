@@ -79,7 +79,7 @@ def workspace_buffers(model: ModelDir, io: Mapping[str, tb.IoTable],
     top = {dim: r[2] for dim, r in tb.dim_ranges(max_batch=max_batch, max_beam=model.max_beam).items()}
     at = {**model.sizes, **top}
     step = gc.graph("decoder_step", model.format_version)
-    home = {src: reader for reader, sources in gc.CARRIED.items() for src in sources if src}
+    home = {src: reader for reader, sources in gc.CARRIED.items() for src in (reader, *sources) if src}
     buffers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     for name in gc.GRAPHS:
         spec = gc.graph(name, model.format_version)
