@@ -1,6 +1,7 @@
 """The graph contract (captrt.runtime.graph_contract) against what it describes: docs/model-format.md's tables,
-the graphs the exporter writes (format 2, the plain step cut from it at load, format 1's step), the TensorRT
-profiles (and the TensorRT EP's options made from them) and the TensorRT workspace built from it."""
+the graphs the exporter writes (format 2, the plain step cut from it at load, format 1's step), and the
+TensorRT shapes made from it (captrt.runtime.engines.trt_shapes: the profiles, the TensorRT EP's options made
+from them, the engine I/O check and the workspace)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import onnx
 import pytest
 
 from captrt.runtime import graph_contract as gc
-from captrt.runtime.engines import trt_build as tb
-from captrt.runtime.engines.trt import workspace_buffers
+from captrt.runtime.engines import trt_shapes as ts
 from captrt.runtime.errors import ModelDirError
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.plain_step import plain_step_graph
@@ -134,8 +134,8 @@ BOUNDS = {"batch": "max_batch", "beams": "max_beam", "prev_beams": "max_beam", "
 @pytest.mark.parametrize("version", [1, 2])
 def test_tensorrt_profiles_cover_exactly_the_contracts_inputs(model, format_one, version):
     md = model if version == 2 else format_one
-    limits = {"max_batch": 12, "max_beam": md.max_beam, "ids": tb.MAX_CONTROL_IDS}
-    profiles = tb.profiles_for_model(md, max_batch=12, opt_batch=3, opt_beam=2)
+    limits = {"max_batch": 12, "max_beam": md.max_beam, "ids": ts.MAX_CONTROL_IDS}
+    profiles = ts.profiles_for_model(md, max_batch=12, opt_batch=3, opt_beam=2)
     assert set(profiles) == set(gc.GRAPHS)
     for name, profile in profiles.items():
         spec = gc.graph(name, version)
@@ -167,7 +167,7 @@ def test_the_tensorrt_ep_options_name_the_contracts_inputs(model, tmp_path):
             assert [entry.split(":")[0] for entry in graph[key].split(",")] == list(gc.graph(name).input_names)
 
 
-def engine_io_of(version: int, **dtypes: str) -> dict[str, tb.IoTable]:
+def engine_io_of(version: int, **dtypes: str) -> dict[str, ts.IoTable]:
     """What engine_io reports for engines built from the contract's graphs (dtypes: TensorRT's own choices)."""
     io = {}
     for name in gc.GRAPHS:
@@ -182,8 +182,8 @@ def test_the_tensorrt_workspace_holds_every_tensor_at_its_largest(model, format_
     md = model if version == 2 else format_one
     nb, kb, p, h, v = 7, md.max_beam, md.num_pixels, md.dims["decoder_dim"], md.vocab_size
     io = engine_io_of(version, cand_ids="int32")  # TensorRT may return TopK's indices as int32
-    tb.check_engine_io(io, md.max_beam, version)
-    buffers = workspace_buffers(md, io, nb)
+    ts.check_engine_io(io, md.max_beam, version)
+    buffers = ts.workspace_buffers(md, io, nb)
     want = {"image": ((nb, md.image_size, md.image_size, 3), "uint8"),
             "features": ((nb, p, md.dims["encoder_dim"]), "float32"),
             "att_proj": ((nb, p, md.dims["attention_dim"]), "float32"),
@@ -192,11 +192,11 @@ def test_the_tensorrt_workspace_holds_every_tensor_at_its_largest(model, format_
             "tokens": ((nb, kb), "int64"), "origin": ((nb, kb), "int64"), "alpha": ((nb, kb, p), "float32"),
             "cand_logp": ((nb, kb, kb), "float32"), "cand_ids": ((nb, kb, kb), "int32")}
     if version == 2:
-        want.update({"ban_ids": ((nb, kb, tb.MAX_CONTROL_IDS), "int64"),
-                     "penalty_ids": ((nb, kb, tb.MAX_CONTROL_IDS), "int64"), "penalty": ((nb,), "float32"),
+        want.update({"ban_ids": ((nb, kb, ts.MAX_CONTROL_IDS), "int64"),
+                     "penalty_ids": ((nb, kb, ts.MAX_CONTROL_IDS), "int64"), "penalty": ((nb,), "float32"),
                      "logp": ((nb, kb, v + 1), "float32")})
     assert {name: (shape, dtype.name) for name, (shape, dtype) in buffers.items()} == want
-    profile = tb.profiles_for_model(md, max_batch=nb)["decoder_step"]
+    profile = ts.profiles_for_model(md, max_batch=nb)["decoder_step"]
     for name, (_, _, top) in profile.items():  # every input fits its buffer at the profile's largest shape
         assert buffers.get(name, buffers.get(f"{name}_a"))[0] == top
 
@@ -205,8 +205,8 @@ def test_engine_io_that_differs_from_the_contract_is_refused():
     io = engine_io_of(2)
     del io["decoder_step"]["logp"]
     with pytest.raises(ModelDirError, match="not the model format's"):
-        tb.check_engine_io(io, 10, 2)
-    tb.check_engine_io(engine_io_of(1), 10, 1)  # format 1 has no logp
+        ts.check_engine_io(io, 10, 2)
+    ts.check_engine_io(engine_io_of(1), 10, 1)  # format 1 has no logp
     io = engine_io_of(2, h_out="float16")  # h_out is written where the next step reads h
     with pytest.raises(ModelDirError, match="encoder h0 / decoder_step h: dtypes differ"):
-        tb.check_engine_io(io, 10, 2)
+        ts.check_engine_io(io, 10, 2)

@@ -22,12 +22,13 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from captrt.runtime import graph_contract as gc
 from captrt.runtime.engines import trt_build as tb
+from captrt.runtime.engines.trt_shapes import SIDES, check_engine_io, profiles_for_model, workspace_buffers
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
@@ -37,7 +38,6 @@ log = logging.getLogger("captrt.runtime.trt")
 OPTIONS = {"max_batch": 32, "opt_batch": None, "opt_beam": None, "workspace_mb": 1024, "cache_dir": None,
            "device_id": 0}
 _ALIGN = 256  # TensorRT wants I/O addresses aligned; 256 bytes suits every dtype
-_SIDES = ("_a", "_b")  # the two buffers of a state every step rewrites: a step reads one and writes the other
 _cuda = tb.cuda_call
 
 
@@ -69,32 +69,6 @@ def _positive(options: dict[str, Any], name: str, allow_none: bool = False) -> A
     raise ValueError(f"{name}: expected an integer >= {low}{' or None' if allow_none else ''}, got {value!r}")
 
 
-def workspace_buffers(model: ModelDir, io: Mapping[str, tb.IoTable],
-                      max_batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Every device buffer of one decode, name -> (shape, dtype), at the profile's max shapes, in the engines'
-    dtypes (io: engine_io per graph). One buffer per tensor of the two graphs (graph_contract), except that a
-    tensor the decode carries into the step (graph_contract.CARRIED) lives in the buffer of the step input that
-    reads it, and a state every step rewrites (h, c) has two, NAME_a and NAME_b, which steps read and write in
-    turn. The encoder's h0/c0 (N, H) land in h_a/c_a: in memory they already are h/c at K_prev = 1."""
-    top = {dim: r[2] for dim, r in tb.dim_ranges(max_batch=max_batch, max_beam=model.max_beam).items()}
-    at = {**model.sizes, **top}
-    step = gc.graph("decoder_step", model.format_version)
-    home = {src: reader for reader, sources in gc.CARRIED.items() for src in (reader, *sources) if src}
-    buffers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for name in gc.GRAPHS:
-        spec = gc.graph(name, model.format_version)
-        for t in spec.inputs + spec.outputs:
-            if t.name in home:  # shaped and typed as the step input that reads it (check_engine_io: same dtype)
-                reader = home[t.name]
-                shape, dtype = step.tensor(reader).resolve(at), io["decoder_step"][reader][1]
-                names = [reader + side for side in _SIDES] if gc.CARRIED[reader][1] else [reader]
-            else:
-                shape, dtype, names = t.resolve(at), io[name][t.name][1], [t.name]
-            for buffer in names:
-                buffers.setdefault(buffer, (shape, dtype))
-    return buffers
-
-
 # ---------------------------------------------------------------- device objects
 class _Workspace:
     """One device allocation holding every buffer of a decode, at the profile's max shapes."""
@@ -108,7 +82,7 @@ class _Workspace:
 
     def at(self, name: str, side: int) -> int:
         """The address of buffer `name`; a state every step rewrites (h, c) has two: side 0 or 1."""
-        return self.addr[name] if name in self.addr else self.addr[name + _SIDES[side]]
+        return self.addr[name] if name in self.addr else self.addr[name + SIDES[side]]
 
     def free(self) -> None:
         self.owner = None
@@ -164,7 +138,7 @@ class TrtEngine(Engine):
         cc = [_cuda(cudart, cudart.cudaDeviceGetAttribute(a, self._device_id), "cudaDeviceGetAttribute")
               for a in (attr.cudaDevAttrComputeCapabilityMajor, attr.cudaDevAttrComputeCapabilityMinor)]
         self.compute_capability = f"{cc[0]}.{cc[1]}"
-        self._profiles = tb.profiles_for_model(model, max_batch=self.max_batch,
+        self._profiles = profiles_for_model(model, max_batch=self.max_batch,
                                                opt_batch=_positive(opts, "opt_batch", True),
                                                opt_beam=_positive(opts, "opt_beam", True))
         if precision in model.graphs:  # the exporter's variant: its own types decide (strong typing)
@@ -187,7 +161,7 @@ class TrtEngine(Engine):
                 trt, self._runtime, self._cache, model, graph, source_precision=self._source, key=key,
                 profile=self._profiles[graph], build=self._build)
         self._io = {g: tb.engine_io(trt, e) for g, e in self._engines.items()}
-        tb.check_engine_io(self._io, model.max_beam, model.format_version)
+        check_engine_io(self._io, model.max_beam, model.format_version)
         self._step_io, self._sizes = gc.graph("decoder_step", model.format_version), model.sizes
         # The step's outputs that a later step reads as its input (h_out -> h): they go to the other side's buffer.
         self._refill = {out: reader for reader, (_, out) in gc.CARRIED.items() if out}

@@ -1,6 +1,6 @@
-"""What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`),
-optimization profiles, the local engine cache, building engines from the ONNX graphs, and checking
-them against the model format. Profiles, cache keys and the cache store are pure Python.
+"""What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`), the
+local engine cache, building engines from the ONNX graphs with the optimization profiles of
+trt_shapes, and reading the built engines' I/O. Cache keys and the cache store are pure Python.
 
 Serialized engines are executable artifacts: they are built on this machine, and a cached one is
 deserialized only if its sidecar holds exactly the requested key (graph sha256, TensorRT version,
@@ -23,19 +23,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from captrt.atomic import atomic_path
-from captrt.runtime import graph_contract
+from captrt.runtime.engines.trt_shapes import (MAX_CONTROL_IDS, IoTable, Profile, Shape,  # noqa: F401 (re-exported)
+                                               check_engine_io, profiles_for_model)
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
 log = logging.getLogger("captrt.runtime.trt")
 
-Shape = tuple[int, ...]
-Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
 CACHE_FORMAT = "captrt-trt-cache"
 CACHE_VERSION = 1
-# Longest ban_ids / penalty_ids list per slot a TensorRT profile admits (suppress + n-gram bans, or the
-# distinct words of a hypothesis): the engine refuses longer lists with a message naming the option.
-MAX_CONTROL_IDS = 256
 
 
 def install_hint(cuda_major: int | None = None) -> str:
@@ -125,48 +120,6 @@ def trt_logger(trt: Any) -> Any:
         if _LOGGER is None:
             _LOGGER = trt.Logger(trt.Logger.WARNING)
         return _LOGGER
-
-
-# ---------------------------------------------------------------- optimization profiles
-
-def dim_ranges(*, max_batch: int, max_beam: int, opt_batch: int | None = None,
-               opt_beam: int | None = None) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of every dynamic dimension of the graphs (captrt.runtime.graph_contract), covering batch
-    1..max_batch and beam 1..max_beam; K and K_prev range independently (K_prev = 1 at the first step, h0/c0).
-    The control id lists (format version 2) run from 1 to MAX_CONTROL_IDS, optimized for 1 (the default path's
-    padding). opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width)."""
-    for name, value in (("max_beam", max_beam), ("max_batch", max_batch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    ob = min(8, max_batch) if opt_batch is None else opt_batch
-    ok = min(5, max_beam) if opt_beam is None else opt_beam
-    if not isinstance(ob, int) or not 1 <= ob <= max_batch:
-        raise ValueError(f"opt_batch: expected an integer in 1..max_batch={max_batch}, got {opt_batch!r}")
-    if not isinstance(ok, int) or not 1 <= ok <= max_beam:
-        raise ValueError(f"opt_beam: expected an integer in 1..max_beam={max_beam}, got {opt_beam!r}")
-    ids = (1, 1, MAX_CONTROL_IDS)
-    return {graph_contract.BATCH.name: (1, ob, max_batch), graph_contract.BEAMS.name: (1, ok, max_beam),
-            graph_contract.PREV_BEAMS.name: (1, ok, max_beam), graph_contract.BANNED.name: ids,
-            graph_contract.PENALIZED.name: ids}
-
-
-def graph_profiles(sizes: Mapping[str, int], ranges: Mapping[str, tuple[int, int, int]], *,
-                   version: int = graph_contract.LATEST_VERSION) -> dict[str, Profile]:
-    """One optimization profile per graph: every input of the contract (format `version`), its fixed dimensions
-    from `sizes` (graph_contract.sizes) and its dynamic ones over `ranges` (dim_ranges)."""
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    at = [{**sizes, **{dim: r[i] for dim, r in ranges.items()}} for i in range(3)]  # min, opt, max
-    return {name: {t.name: (t.resolve(at[0]), t.resolve(at[1]), t.resolve(at[2]))
-                   for t in graph_contract.graph(name, version).inputs} for name in graph_contract.GRAPHS}
-
-
-def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = None,
-                       opt_beam: int | None = None) -> dict[str, Profile]:
-    """graph_profiles() with the dimensions of a captrt.runtime.model_dir.ModelDir."""
-    ranges = dim_ranges(max_batch=max_batch, max_beam=model.max_beam, opt_batch=opt_batch, opt_beam=opt_beam)
-    return graph_profiles(model.sizes, ranges, version=model.format_version)
 
 
 # ---------------------------------------------------------------- cache keys
@@ -373,9 +326,6 @@ def load_or_build_engine(trt: Any, runtime: Any, cache: SignedCache | None, mode
     return engine, "built"
 
 
-IoTable = dict[str, tuple[bool, Any, tuple[int, ...]]]  # name -> (is_input, numpy dtype, shape, -1 = dynamic)
-
-
 def engine_io(trt: Any, engine: Any) -> IoTable:
     """An engine's I/O tensors. Dtypes are the engine's own (TopK indices may be int32, not int64)."""
     table: IoTable = {}
@@ -390,21 +340,3 @@ def engine_io(trt: Any, engine: Any) -> IoTable:
         table[name] = (engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT, dtype,
                        tuple(engine.get_tensor_shape(name)))
     return table
-
-
-def check_engine_io(io: Mapping[str, IoTable], max_beam: int, version: int = graph_contract.LATEST_VERSION) -> None:
-    """Names as in the model format (of `version`); tensors that share a device buffer (graph_contract.CARRIED)
-    agree on dtype; C == max_beam."""
-    for graph, table in io.items():
-        want = graph_contract.graph(graph, version)
-        ins = {n for n, v in table.items() if v[0]}
-        if ins != set(want.input_names) or set(table) - ins != set(want.output_names):
-            raise ModelDirError(f"{graph}: TensorRT engine has I/O {sorted(table)}, not the model format's")
-    enc, dec = io["encoder"], io["decoder_step"]
-    for b, (a, c) in graph_contract.CARRIED.items():
-        kinds = {enc[a][1], dec[b][1]} | ({dec[c][1]} if c else set())
-        if len(kinds) != 1:  # one device buffer is written as one tensor and read as the other
-            raise ModelDirError(f"encoder {a} / decoder_step {b}: dtypes differ {sorted(map(str, kinds))}")
-    shape = dec["cand_logp"][2]  # -1 = decided at run time (step() checks it via get_tensor_shape)
-    if len(shape) != 3 or shape[-1] not in (-1, max_beam):
-        raise ModelDirError(f"decoder_step: cand_logp has shape {shape}; expected (N, K, C = max_beam = {max_beam})")
