@@ -28,7 +28,8 @@ import numpy as np
 
 from captrt.runtime import graph_contract as gc
 from captrt.runtime.engines import trt_build as tb
-from captrt.runtime.engines.trt_shapes import SIDES, check_engine_io, profiles_for_model, workspace_buffers
+from captrt.runtime.engines.trt_shapes import (REWRITTEN, SIDES, Shape, check_engine_io, profiles_for_model,
+                                               workspace_buffers)
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
@@ -76,13 +77,11 @@ class _Workspace:
     def __init__(self, cudart: Any, layout: dict[str, int], total: int, owner: int):
         self.base = int(_cuda(cudart, cudart.cudaMalloc(total), f"cudaMalloc({total} bytes)"))
         self.addr = {name: self.base + off for name, off in layout.items()}
+        # Per side, each buffer by the tensor it holds: a state every step rewrites (h: h_a or h_b) by its side.
+        self.sides = [{**self.addr, **{name: self.addr[name + side] for name in REWRITTEN}} for side in SIDES]
         self.owner, self.cur = owner, 0  # cur: the side of each rewritten state the next step reads
         self._free = weakref.finalize(self, cudart.cudaFree, self.base)  # also if never freed explicitly
         self._free.atexit = False  # the process exit frees device memory; no CUDA calls during shutdown
-
-    def at(self, name: str, side: int) -> int:
-        """The address of buffer `name`; a state every step rewrites (h, c) has two: side 0 or 1."""
-        return self.addr[name] if name in self.addr else self.addr[name + SIDES[side]]
 
     def free(self) -> None:
         self.owner = None
@@ -165,6 +164,7 @@ class TrtEngine(Engine):
         self._step_io, self._sizes = gc.graph("decoder_step", model.format_version), model.sizes
         # The step's outputs that a later step reads as its input (h_out -> h): they go to the other side's buffer.
         self._refill = {out: reader for reader, (_, out) in gc.CARRIED.items() if out}
+        self._step_shapes: dict[tuple[int, int, int], tuple[list[tuple[str, Shape]], dict[str, Shape]]] = {}
         self._layout, self._arena = self._plan()
         self._local = threading.local()
         self._lock = threading.RLock()  # finalizers (state dropped during GC) may re-enter _give_back
@@ -307,7 +307,7 @@ class TrtEngine(Engine):
             with self._on_stream(slot, [(ws.addr["image"], host)]):
                 self._set_shape(slot, "enc", "image", tuple(images.shape))
                 # Each output lands where the first step reads it (h0/c0 (N, H): as h/c of shape (N, 1, H)).
-                outputs = {source: ws.at(reader, 0) for reader, (source, _) in gc.CARRIED.items()}
+                outputs = {source: ws.sides[0][reader] for reader, (source, _) in gc.CARRIED.items()}
                 self._run(slot, slot.enc, {"image": ws.addr["image"], **outputs}, "encoder")
         except BaseException:
             self._give_back(ws)
@@ -337,37 +337,45 @@ class TrtEngine(Engine):
         up_t = np.ascontiguousarray(tokens, dtype=io["tokens"][1])  # int32 if the engine says so
         up_o = np.ascontiguousarray(origin, dtype=io["origin"][1])
         uploads = [(ws.addr["tokens"], up_t), (ws.addr["origin"], up_o)]
-        now = {**self._sizes, gc.BATCH.name: n, gc.BEAMS.name: k, gc.PREV_BEAMS.name: kp}
-        # Every input but the controls, whose shapes are their lists' (below).
-        state_inputs = [t for t in self._step_io.inputs if t.name in gc.DECODER_STATE_INPUTS]
-        shapes = [(t.name, t.resolve(now)) for t in state_inputs]
-        addresses = {t.name: ws.at(t.name, ws.cur) for t in state_inputs}
+        inputs, out_shapes = self._shapes_at(n, k, kp)
+        shapes, read, write = list(inputs), ws.sides[ws.cur], ws.sides[1 - ws.cur]
+        addresses = {name: read[name] for name, _ in inputs}
         for name, arr in self._control_arrays(n, k, controls, want_logp).items():
             up = np.ascontiguousarray(arr, dtype=io[name][1])
             uploads.append((ws.addr[name], up))
             shapes.append((name, up.shape))
             addresses[name] = ws.addr[name]
-        a, b = ws.cur, 1 - ws.cur
         with self._on_stream(slot, uploads):
             for name, shape in shapes:
                 self._set_shape(slot, "dec", name, shape)
-            cand = self._step_io.tensor("cand_logp").resolve(now)
+            cand = out_shapes["cand_logp"]
             if tuple(slot.dec.get_tensor_shape("cand_logp")) != cand:
                 raise RuntimeError(f"TensorRT decoder_step: cand_logp is not {cand} for these inputs")
             # Every output needs an address (logp too: it comes down only when asked).
-            outputs = {t.name: ws.at(self._refill.get(t.name, t.name), b) for t in self._step_io.outputs}
+            outputs = {name: write[self._refill.get(name, name)] for name in out_shapes}
             self._run(slot, slot.dec, {**addresses, **outputs}, "decoder_step")
 
             def fetch(name: str) -> np.ndarray:
-                return self._download(slot, ws.addr[name], self._step_io.tensor(name).resolve(now), io[name][1])
+                return self._download(slot, ws.addr[name], out_shapes[name], io[name][1])
 
             logp, ids = fetch("cand_logp"), fetch("cand_ids")
             alpha = fetch("alpha") if want_alpha else None
             full = self.word_logp(fetch("logp")) if want_logp else None
-        ws.cur, state.beams = b, k
+        ws.cur, state.beams = 1 - ws.cur, k
         return StepOutput(logp.astype(np.float32, copy=False), ids.astype(np.int64, copy=False),
                           None if alpha is None else alpha.astype(np.float32, copy=False),
                           None if full is None else full.astype(np.float32, copy=False))
+
+    def _shapes_at(self, n: int, k: int, kp: int) -> tuple[list[tuple[str, Shape]], dict[str, Shape]]:
+        """The step's inputs but the controls (shaped by their lists), in order, and its outputs, with their shapes
+        at batch n, beams k and incoming beams kp; remembered, as a decode repeats a few of them."""
+        got = self._step_shapes.get((n, k, kp))
+        if got is None:
+            now = {**self._sizes, gc.BATCH.name: n, gc.BEAMS.name: k, gc.PREV_BEAMS.name: kp}
+            got = self._step_shapes[(n, k, kp)] = (
+                [(t.name, t.resolve(now)) for t in self._step_io.inputs if t.name in gc.DECODER_STATE_INPUTS],
+                {t.name: t.resolve(now) for t in self._step_io.outputs})
+        return got
 
     def _control_arrays(self, n: int, k: int, controls: StepControls | None, want_logp: bool) -> dict[str, np.ndarray]:
         """The control inputs to upload ({} for a format-1 engine), checked against the profile. The engine
@@ -394,7 +402,7 @@ class TrtEngine(Engine):
         if copies:
             slot, io = self._slot(), self._io["decoder_step"]
             row = {**self._sizes, gc.BATCH.name: 1, gc.PREV_BEAMS.name: kp}  # one image's part of a carried tensor
-            buffers = [(ws.at(name, ws.cur),
+            buffers = [(ws.sides[ws.cur][name],
                         int(np.prod(self._step_io.tensor(name).resolve(row))) * io[name][1].itemsize)
                        for name in gc.CARRIED]
             with self._on_stream(slot):  # device-to-device copies, in order on one stream

@@ -19,6 +19,7 @@ IoTable = dict[str, tuple[bool, Any, tuple[int, ...]]]  # name -> (is_input, num
 # distinct words of a hypothesis): the engine refuses longer lists with a message naming the option.
 MAX_CONTROL_IDS = 256
 SIDES = ("_a", "_b")  # the two buffers of a state every step rewrites: a step reads one and writes the other
+REWRITTEN = tuple(reader for reader, (_, refill) in graph_contract.CARRIED.items() if refill)  # h, c
 
 
 def dim_ranges(*, max_batch: int, max_beam: int, opt_batch: int | None = None,
@@ -97,7 +98,7 @@ def workspace_buffers(model: Any, io: Mapping[str, IoTable],
             if t.name in home:  # shaped and typed as the step input that reads it (check_engine_io: same dtype)
                 reader = home[t.name]
                 shape, dtype = step.tensor(reader).resolve(at), io["decoder_step"][reader][1]
-                names = [reader + side for side in SIDES] if graph_contract.CARRIED[reader][1] else [reader]
+                names = [reader + side for side in SIDES] if reader in REWRITTEN else [reader]
             else:
                 shape, dtype, names = t.resolve(at), io[name][t.name][1], [t.name]
             for buffer in names:
