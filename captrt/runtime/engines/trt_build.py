@@ -23,8 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from captrt.atomic import atomic_path
-from captrt.runtime.engines.trt_shapes import (MAX_CONTROL_IDS, IoTable, Profile, Shape,  # noqa: F401 (re-exported)
-                                               check_engine_io, profiles_for_model)
+from captrt.runtime.engines.trt_shapes import IoTable, Profile, Shape
+# Kept importable from here for the code and tests that name them so (tb.MAX_CONTROL_IDS, tb.profiles_for_model).
+from captrt.runtime.engines.trt_shapes import MAX_CONTROL_IDS, profiles_for_model  # noqa: F401
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 
 log = logging.getLogger("captrt.runtime.trt")
