@@ -17,7 +17,7 @@ import pytest
 from captrt.runtime import graph_contract as gc
 from captrt.runtime.engines import trt_shapes as ts
 from captrt.runtime.errors import ModelDirError
-from captrt.runtime.model_dir import ModelDir
+from captrt.runtime.model_dir import FORMAT_VERSION, ModelDir
 from captrt.runtime.plain_step import plain_step_graph
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "model-format.md"
@@ -101,6 +101,8 @@ def test_the_plain_step_and_format_one_share_one_declaration():
     assert gc.graph("decoder_step").input_names == gc.DECODER_STATE_INPUTS + gc.CONTROL_INPUTS
     assert gc.graph("decoder_step").output_names == gc.DECODER_OUTPUTS + (gc.LOGP_OUTPUT,)
     assert gc.graph("encoder", 1) == gc.graph("encoder")  # the encoder never changed
+    for name in gc.GRAPHS:  # the exporter traces the latest tables and writes them as FORMAT_VERSION
+        assert gc.graph(name, FORMAT_VERSION) == gc.graph(name)
 
 
 # ------------------------------------------------------------------ the exported graphs
