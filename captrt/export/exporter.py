@@ -17,7 +17,7 @@ from captrt.export.fp16 import convert_to_fp16
 from captrt.export.graphs import DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs
 from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_manifest, graph_entry, sha256_file,
                                     write_json)
-from captrt.export.onnx_export import export_onnx, graph_io, save_onnx
+from captrt.export.onnx_export import export_graph, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
 from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity, parity_report,
                                   search_engine, torch_threads)
@@ -25,7 +25,8 @@ from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.export.variant_quality import (describe_candidates, describe_mix, search_int8_variant, time_variants,
                                           verify_engines_here)
-from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
+from captrt.runtime import graph_contract
+from captrt.runtime.graph_contract import CONTROL_INPUTS
 from captrt.runtime.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
                                    key_digest, search_tokens)
@@ -34,12 +35,6 @@ from captrt.train.model import CaptionModel, normalize_uint8
 from captrt.train.reference import reference_beam_search
 from captrt.vocab import Vocab
 
-ENCODER_DIMS = {"image": {0: "batch"}}
-DECODER_DIMS = {"tokens": {0: "batch", 1: "beams"}, "origin": {0: "batch", 1: "beams"},
-                "h": {0: "batch", 1: "prev_beams"}, "c": {0: "batch", 1: "prev_beams"},
-                "features": {0: "batch"}, "att_proj": {0: "batch"},
-                "ban_ids": {0: "batch", 1: "beams", 2: "banned"}, "penalty_ids": {0: "batch", 1: "beams", 2: "penalized"},
-                "penalty": {0: "batch"}}
 PARITY_BEAM = 5
 # torch.onnx's own opset: no version conversion, so a normal export prints no exporter warnings (17 is
 # converted to from 18 and says so twice); TensorRT 10 parses up to 20 (captrt.export.ops).
@@ -216,12 +211,9 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
                  budget: float, tune_set=None, search_options: dict | None = None) -> dict:
     cfg = model.config
     with log.step("tracing encoder (torch.onnx, dynamo)"):
-        enc = export_onnx(EncoderGraph(model), example_encoder_inputs(cfg.image_size), input_names=ENCODER_INPUTS,
-                          output_names=ENCODER_OUTPUTS, dynamic_dims=ENCODER_DIMS, opset=opset)
+        enc = export_graph(EncoderGraph(model), example_encoder_inputs(cfg.image_size), "encoder", opset)
     with log.step("tracing decoder step"):
-        dec = export_onnx(DecoderStepGraph(model, max_beam), example_decoder_inputs(model),
-                          input_names=DECODER_INPUTS, output_names=GRAPH_OUTPUTS["decoder_step"], dynamic_dims=DECODER_DIMS,
-                          opset=opset)
+        dec = export_graph(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), "decoder_step", opset)
     check_contract(enc, dec, cfg, max_beam)
     for name, graph in (("encoder", enc), ("decoder_step", dec)):
         problems = tensorrt_problems(graph)
@@ -327,25 +319,15 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
 
 
 def check_contract(enc: onnx.ModelProto, dec: onnx.ModelProto, cfg, max_beam: int) -> None:
-    """The graphs' names, dtypes and shapes are exactly docs/model-format.md's tables."""
-    s, p, e, a, h = cfg.image_size, cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim
-    n, k, kp, v = "batch", "beams", "prev_beams", cfg.vocab_size
-    expected = {
-        "encoder": {"inputs": {"image": ("uint8", [n, s, s, 3])},
-                    "outputs": {"features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a]),
-                                "h0": ("float32", [n, h]), "c0": ("float32", [n, h])}},
-        "decoder_step": {"inputs": {"tokens": ("int64", [n, k]), "origin": ("int64", [n, k]),
-                                    "h": ("float32", [n, kp, h]), "c": ("float32", [n, kp, h]),
-                                    "features": ("float32", [n, p, e]), "att_proj": ("float32", [n, p, a]),
-                                    "ban_ids": ("int64", [n, k, "banned"]), "penalty_ids": ("int64", [n, k, "penalized"]),
-                                    "penalty": ("float32", [n])},
-                         "outputs": {"h_out": ("float32", [n, k, h]), "c_out": ("float32", [n, k, h]),
-                                     "alpha": ("float32", [n, k, p]), "cand_logp": ("float32", [n, k, max_beam]),
-                                     "cand_ids": ("int64", [n, k, max_beam]), "logp": ("float32", [n, k, v + 1])}},
-    }
+    """The graphs' names, dtypes and shapes are exactly the contract's (captrt.runtime.graph_contract)."""
+    sizes = graph_contract.sizes(image_size=cfg.image_size, num_pixels=cfg.num_pixels, encoder_dim=cfg.encoder_dim,
+                                 attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, max_beam=max_beam,
+                                 vocab_size=cfg.vocab_size)
     for name, graph in (("encoder", enc), ("decoder_step", dec)):
+        spec = graph_contract.graph(name)
         got = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in graph_io(graph).items()}
-        want = {side: {k2: (v[0], list(v[1])) for k2, v in d.items()} for side, d in expected[name].items()}
+        want = {side: {t.name: (t.dtype, t.dims(sizes)) for t in tensors}
+                for side, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))}
         if got != want:
             raise ExportError(f"{name}: exported inputs/outputs {got} differ from the model format {want}")
 

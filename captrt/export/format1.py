@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from captrt.export.graphs import DecoderStepGraph, example_decoder_inputs
+from captrt.export.onnx_export import export_graph
 from captrt.train.model import CaptionModel
 
 
@@ -39,11 +40,6 @@ class FormatOneStepGraph(DecoderStepGraph):
 
 def export_format_one_step(model: CaptionModel, max_beam: int, opset: int) -> onnx.ModelProto:
     """The format-1 decoder_step.onnx of `model` (folded, checked, dims named like the exporter's)."""
-    from captrt.export.exporter import DECODER_DIMS
-    from captrt.export.onnx_export import export_onnx
-    from captrt.runtime.model_dir import DECODER_OUTPUTS, DECODER_STATE_INPUTS
-
     with torch.no_grad():
-        return export_onnx(FormatOneStepGraph(model, max_beam), example_decoder_inputs(model)[:6],
-                           input_names=DECODER_STATE_INPUTS, output_names=DECODER_OUTPUTS,
-                           dynamic_dims={k: DECODER_DIMS[k] for k in DECODER_STATE_INPUTS}, opset=opset)
+        return export_graph(FormatOneStepGraph(model, max_beam), example_decoder_inputs(model)[:6], "decoder_step",
+                            opset, version=1)

@@ -21,6 +21,8 @@ import onnx
 import torch
 
 from captrt.export.errors import ExportError
+from captrt.runtime import graph_contract
+
 
 def export_onnx(module: torch.nn.Module, args: tuple, *, input_names: Sequence[str], output_names: Sequence[str],
                 dynamic_dims: Mapping[str, Mapping[int, str]], opset: int) -> onnx.ModelProto:
@@ -54,6 +56,15 @@ def export_onnx(module: torch.nn.Module, args: tuple, *, input_names: Sequence[s
     model = optimize(model)
     name_dims(model, dynamic_dims, output_names)
     return check(model)
+
+
+def export_graph(module: torch.nn.Module, args: tuple, name: str, opset: int,
+                 version: int = graph_contract.LATEST_VERSION) -> onnx.ModelProto:
+    """export_onnx of graph `name` ('encoder' | 'decoder_step') as model format `version` declares it: the
+    tensor names and dynamic axes of captrt.runtime.graph_contract."""
+    spec = graph_contract.graph(name, version)
+    return export_onnx(module, args, input_names=spec.input_names, output_names=spec.output_names,
+                       dynamic_dims=graph_contract.dynamic_axes(name, version), opset=opset)
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:

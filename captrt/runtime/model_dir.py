@@ -16,7 +16,12 @@ from typing import Any
 
 from captrt.checks import check_int
 from captrt.files import kind_of, read_regular
+from captrt.runtime import graph_contract
 from captrt.runtime.errors import ModelDirError
+# The graphs' tensors are declared in graph_contract; their names stay importable from here, beside the directory's.
+from captrt.runtime.graph_contract import (CONTROL_INPUTS, DECODER_INPUTS, DECODER_OUTPUTS,  # noqa: F401
+                                           DECODER_STATE_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPHS,
+                                           LOGP_OUTPUT, PLAIN_STEP)
 from captrt.runtime.onnx_scan import OnnxParseError, embedding_rows, scan_model
 from captrt.vocab import Vocab
 
@@ -32,21 +37,6 @@ FORMAT_VERSION = 2  # what the exporter writes: 2 added the step graph's decodin
 READABLE_VERSIONS = (1, 2)  # version 1 directories still load and decode the default path
 MAX_STEPS = 50  # default decoding length recorded by the exporter (the seed's 50)
 MANIFEST = "captrt.json"
-GRAPHS = ("encoder", "decoder_step")
-PLAIN_STEP = "decoder_step_plain"  # check_io's name for the step graph cut without its decoding controls
-# The graphs' tensor names (docs/model-format.md): the exporter writes them, every engine reads them.
-ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-DECODER_STATE_INPUTS = ("tokens", "origin", "h", "c", "features", "att_proj")
-CONTROL_INPUTS = ("ban_ids", "penalty_ids", "penalty")  # format version 2: logit processing per slot
-DECODER_INPUTS = DECODER_STATE_INPUTS + CONTROL_INPUTS
-DECODER_OUTPUTS = ("h_out", "c_out", "alpha", "cand_logp", "cand_ids")  # what every step fetches
-LOGP_OUTPUT = "logp"  # format 2: (N, K, V + 1) processed log-probs (+ the padding column), for prefixes/sampling
-GRAPH_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_INPUTS}
-GRAPH_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS + (LOGP_OUTPUT,)}
-# Format version 1: the step graph without decoding controls.
-V1_INPUTS = {"encoder": ENCODER_INPUTS, "decoder_step": DECODER_STATE_INPUTS}
-V1_OUTPUTS = {"encoder": ENCODER_OUTPUTS, "decoder_step": DECODER_OUTPUTS}
 _MODEL_INT_FIELDS = ("enc_size", "image_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "vocab_size")
 
 
@@ -96,6 +86,14 @@ class ModelDir:
     @property
     def num_pixels(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The graphs' fixed dimensions (captrt.runtime.graph_contract), from captrt.json."""
+        return graph_contract.sizes(image_size=self.image_size, num_pixels=self.num_pixels,
+                                    encoder_dim=self.dims["encoder_dim"], attention_dim=self.dims["attention_dim"],
+                                    decoder_dim=self.dims["decoder_dim"], max_beam=self.max_beam,
+                                    vocab_size=self.vocab_size)
 
     def cache_dir(self, create: bool = True) -> Path:
         """MODEL_DIR/cache: TensorRT engines and timing caches (built locally, never shipped)."""
@@ -156,17 +154,14 @@ class ModelDir:
         output names, cand_logp's static last dimension or None), exactly the format's inputs, at
         least its outputs, and C = captrt.json's max_beam. Raises ModelDirError naming each file."""
         problems = []
-        want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if self.controls else (V1_INPUTS, V1_OUTPUTS)
-        # The plain step graph an engine cuts from the format-2 step (captrt.runtime.plain_step) has format 1's I/O.
-        want_in = {**want_in, PLAIN_STEP: V1_INPUTS["decoder_step"]}
-        want_out = {**want_out, PLAIN_STEP: V1_OUTPUTS["decoder_step"]}
-        for graph, (inputs, outputs, cand) in ios.items():
+        for name, (inputs, outputs, cand) in ios.items():
+            want = graph_contract.graph(name, self.format_version)  # PLAIN_STEP: format 1's step graph
             where = f"{self.graph_path(variant, 'decoder_step')} (cut without its decoding controls)" \
-                if graph == PLAIN_STEP else self.graph_path(variant, graph)
-            if sorted(inputs) != sorted(want_in[graph]):
-                problems.append(f"{where}: inputs {inputs} (expected {list(want_in[graph])} for format version "
+                if name == PLAIN_STEP else self.graph_path(variant, name)
+            if sorted(inputs) != sorted(want.input_names):
+                problems.append(f"{where}: inputs {inputs} (expected {list(want.input_names)} for format version "
                                 f"{self.format_version})")
-            missing = [n for n in want_out[graph] if n not in outputs]
+            missing = [n for n in want.output_names if n not in outputs]
             if missing:
                 problems.append(f"{where}: outputs lack {missing}")
             if cand is not None and cand != self.max_beam:

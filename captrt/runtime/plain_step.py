@@ -25,14 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from captrt.runtime.model_dir import CONTROL_INPUTS, LOGP_OUTPUT
+from captrt.runtime.graph_contract import CONTROL_INPUTS, LOGP_OUTPUT, leading_dims_shared
 from captrt.runtime.onnx_scan import OnnxParseError, field_spans
 
 _VARINT, _LEN = 0, 2
+_TOKENS = "tokens"
 # Per control input, the leading dimensions it shares with `tokens` (N, K): ban_ids/penalty_ids (N, K, .),
 # penalty (N,).
-_SHARED_DIMS = {"ban_ids": 2, "penalty_ids": 2, "penalty": 1}
-_TOKENS = "tokens"
+_SHARED_DIMS = {name: leading_dims_shared(name, _TOKENS) for name in CONTROL_INPUTS}
 # protobuf field numbers (onnx.proto3)
 _MODEL_GRAPH = 7
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO, _GRAPH_SPARSE = 1, 5, 11, 12, 13, 15

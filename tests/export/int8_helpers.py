@@ -13,17 +13,13 @@ MAX_BEAM = 5
 
 def trace_graphs(checkpoint: str | Path, max_beam: int = MAX_BEAM) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(encoder, decoder_step) fp32 graphs of a checkpoint, as captrt.export.exporter writes them."""
-    from captrt.export.exporter import DECODER_DIMS, ENCODER_DIMS
     from captrt.export.graphs import DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_encoder_inputs
-    from captrt.export.onnx_export import export_onnx
-    from captrt.runtime.model_dir import DECODER_INPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_OUTPUTS
+    from captrt.export.onnx_export import export_graph
     from captrt.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint).build_model().eval()
-    enc = export_onnx(EncoderGraph(model), example_encoder_inputs(model.config.image_size),
-                      input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS, dynamic_dims=ENCODER_DIMS, opset=17)
-    dec = export_onnx(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), input_names=DECODER_INPUTS,
-                      output_names=GRAPH_OUTPUTS["decoder_step"], dynamic_dims=DECODER_DIMS, opset=17)
+    enc = export_graph(EncoderGraph(model), example_encoder_inputs(model.config.image_size), "encoder", 17)
+    dec = export_graph(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), "decoder_step", 17)
     return enc, dec
 
 

@@ -59,8 +59,8 @@ def tensorrt_options(model: "ModelDir", precision: str, max_batch: int, opt_batc
                      opt_beam: int) -> dict[str, dict[str, Any]]:
     """TensorRT EP options per graph: engine + timing cache under MODEL_DIR/cache and explicit
     optimization profiles over batch and beam, so the shrinking batch never triggers a rebuild.
-    The profiles are the native engine's (trt_build.profiles_for_model), in the EP's string form."""
-    from captrt.runtime.engines.trt_build import profiles_for_model
+    The profiles are the native engine's (trt_shapes.profiles_for_model), in the EP's string form."""
+    from captrt.runtime.engines.trt_shapes import profiles_for_model
 
     cache = model.cache_dir() / f"ort-trt-{precision}"
     cache.mkdir(exist_ok=True)

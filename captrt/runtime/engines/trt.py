@@ -26,7 +26,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from captrt.runtime import graph_contract as gc
 from captrt.runtime.engines import trt_build as tb
+from captrt.runtime.engines.trt_shapes import (REWRITTEN, SIDES, Shape, check_engine_io, profiles_for_model,
+                                               workspace_buffers)
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import ModelDir
@@ -74,8 +77,9 @@ class _Workspace:
     def __init__(self, cudart: Any, layout: dict[str, int], total: int, owner: int):
         self.base = int(_cuda(cudart, cudart.cudaMalloc(total), f"cudaMalloc({total} bytes)"))
         self.addr = {name: self.base + off for name, off in layout.items()}
-        self.h, self.c = (self.addr["h_a"], self.addr["h_b"]), (self.addr["c_a"], self.addr["c_b"])
-        self.owner, self.cur = owner, 0
+        # Per side, each buffer by the tensor it holds: a state every step rewrites (h: h_a or h_b) by its side.
+        self.sides = [{**self.addr, **{name: self.addr[name + side] for name in REWRITTEN}} for side in SIDES]
+        self.owner, self.cur = owner, 0  # cur: the side of each rewritten state the next step reads
         self._free = weakref.finalize(self, cudart.cudaFree, self.base)  # also if never freed explicitly
         self._free.atexit = False  # the process exit frees device memory; no CUDA calls during shutdown
 
@@ -133,7 +137,7 @@ class TrtEngine(Engine):
         cc = [_cuda(cudart, cudart.cudaDeviceGetAttribute(a, self._device_id), "cudaDeviceGetAttribute")
               for a in (attr.cudaDevAttrComputeCapabilityMajor, attr.cudaDevAttrComputeCapabilityMinor)]
         self.compute_capability = f"{cc[0]}.{cc[1]}"
-        self._profiles = tb.profiles_for_model(model, max_batch=self.max_batch,
+        self._profiles = profiles_for_model(model, max_batch=self.max_batch,
                                                opt_batch=_positive(opts, "opt_batch", True),
                                                opt_beam=_positive(opts, "opt_beam", True))
         if precision in model.graphs:  # the exporter's variant: its own types decide (strong typing)
@@ -156,7 +160,11 @@ class TrtEngine(Engine):
                 trt, self._runtime, self._cache, model, graph, source_precision=self._source, key=key,
                 profile=self._profiles[graph], build=self._build)
         self._io = {g: tb.engine_io(trt, e) for g, e in self._engines.items()}
-        tb.check_engine_io(self._io, model.max_beam, model.controls)
+        check_engine_io(self._io, model.max_beam, model.format_version)
+        self._step_io, self._sizes = gc.graph("decoder_step", model.format_version), model.sizes
+        # The step's outputs that a later step reads as its input (h_out -> h): they go to the other side's buffer.
+        self._refill = {out: reader for reader, (_, out) in gc.CARRIED.items() if out}
+        self._step_shapes: dict[tuple[int, int, int], tuple[list[tuple[str, Shape]], dict[str, Shape]]] = {}
         self._layout, self._arena = self._plan()
         self._local = threading.local()
         self._lock = threading.RLock()  # finalizers (state dropped during GC) may re-enter _give_back
@@ -191,26 +199,9 @@ class TrtEngine(Engine):
         return tb.SignedCache(path, tb.local_secret())
 
     def _plan(self) -> tuple[dict[str, int], int]:
-        """One workspace's layout (name -> byte offset) and size, at the profile's max shapes."""
-        enc, dec = self._io["encoder"], self._io["decoder_step"]
-        m = self.model
-        nb, kb, p, hd = self.max_batch, m.max_beam, m.num_pixels, m.dims["decoder_dim"]
-        shapes = {"image": ((nb, m.image_size, m.image_size, 3), enc["image"][1]),
-                  "features": ((nb, p, m.dims["encoder_dim"]), enc["features"][1]),
-                  "att_proj": ((nb, p, m.dims["attention_dim"]), enc["att_proj"][1]),
-                  "h_a": ((nb, kb, hd), dec["h"][1]), "h_b": ((nb, kb, hd), dec["h"][1]),
-                  "c_a": ((nb, kb, hd), dec["c"][1]), "c_b": ((nb, kb, hd), dec["c"][1])}
-        for name in ("tokens", "origin"):
-            shapes[name] = ((nb, kb), dec[name][1])
-        for name, last in (("alpha", p), ("cand_logp", kb), ("cand_ids", kb)):
-            shapes[name] = ((nb, kb, last), dec[name][1])
-        if m.controls:  # format version 2: control inputs and the (N, K, V) log-probs
-            for name in ("ban_ids", "penalty_ids"):
-                shapes[name] = ((nb, kb, tb.MAX_CONTROL_IDS), dec[name][1])
-            shapes["penalty"] = ((nb,), dec["penalty"][1])
-            shapes["logp"] = ((nb, kb, m.vocab_size + 1), dec["logp"][1])  # V words + the padding column
+        """One workspace's layout (name -> byte offset) and size (workspace_buffers)."""
         layout, total = {}, 0
-        for name, (shape, dtype) in shapes.items():
+        for name, (shape, dtype) in workspace_buffers(self.model, self._io, self.max_batch).items():
             layout[name] = total
             total += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
         return layout, total
@@ -315,9 +306,9 @@ class TrtEngine(Engine):
         try:
             with self._on_stream(slot, [(ws.addr["image"], host)]):
                 self._set_shape(slot, "enc", "image", tuple(images.shape))
-                # h0/c0 (N, H) land in h[0]/c[0]: in memory they already are h/c of shape (N, 1, H).
-                self._run(slot, slot.enc, {"image": ws.addr["image"], "features": ws.addr["features"],
-                                           "att_proj": ws.addr["att_proj"], "h0": ws.h[0], "c0": ws.c[0]}, "encoder")
+                # Each output lands where the first step reads it (h0/c0 (N, H): as h/c of shape (N, 1, H)).
+                outputs = {source: ws.sides[0][reader] for reader, (source, _) in gc.CARRIED.items()}
+                self._run(slot, slot.enc, {"image": ws.addr["image"], **outputs}, "encoder")
         except BaseException:
             self._give_back(ws)
             raise
@@ -334,7 +325,7 @@ class TrtEngine(Engine):
             if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[0] != n:
                 raise ValueError(f"{name}: expected an integer array (N={n}, K), got "
                                  f"{getattr(arr, 'dtype', type(arr).__name__)} {getattr(arr, 'shape', '')}")
-        k, c, p, hd = tokens.shape[1], m.max_beam, m.num_pixels, m.dims["decoder_dim"]
+        k, c = tokens.shape[1], m.max_beam
         if origin.shape != tokens.shape or not 1 <= k <= c:
             raise ValueError(f"tokens/origin: shapes {tokens.shape}/{origin.shape} must be equal (N, K), K in 1..{c}")
         # Out-of-range indices would make TensorRT's gathers read outside their tensors.
@@ -346,35 +337,45 @@ class TrtEngine(Engine):
         up_t = np.ascontiguousarray(tokens, dtype=io["tokens"][1])  # int32 if the engine says so
         up_o = np.ascontiguousarray(origin, dtype=io["origin"][1])
         uploads = [(ws.addr["tokens"], up_t), (ws.addr["origin"], up_o)]
-        shapes = [("tokens", (n, k)), ("origin", (n, k)), ("h", (n, kp, hd)), ("c", (n, kp, hd)),
-                  ("features", (n, p, m.dims["encoder_dim"])), ("att_proj", (n, p, m.dims["attention_dim"]))]
-        addresses = {"tokens": ws.addr["tokens"], "origin": ws.addr["origin"], "h": ws.h[ws.cur], "c": ws.c[ws.cur],
-                     "features": ws.addr["features"], "att_proj": ws.addr["att_proj"]}
+        inputs, out_shapes = self._shapes_at(n, k, kp)
+        shapes, read, write = list(inputs), ws.sides[ws.cur], ws.sides[1 - ws.cur]
+        addresses = {name: read[name] for name, _ in inputs}
         for name, arr in self._control_arrays(n, k, controls, want_logp).items():
             up = np.ascontiguousarray(arr, dtype=io[name][1])
             uploads.append((ws.addr[name], up))
             shapes.append((name, up.shape))
             addresses[name] = ws.addr[name]
-        a, b = ws.cur, 1 - ws.cur
         with self._on_stream(slot, uploads):
             for name, shape in shapes:
                 self._set_shape(slot, "dec", name, shape)
-            if tuple(slot.dec.get_tensor_shape("cand_logp")) != (n, k, c):
-                raise RuntimeError(f"TensorRT decoder_step: cand_logp is not {(n, k, c)} for these inputs")
-            outputs = {"h_out": ws.h[b], "c_out": ws.c[b], "alpha": ws.addr["alpha"],
-                       "cand_logp": ws.addr["cand_logp"], "cand_ids": ws.addr["cand_ids"]}
-            if m.controls:
-                outputs["logp"] = ws.addr["logp"]  # every output needs an address; it comes down only when asked
+            cand = out_shapes["cand_logp"]
+            if tuple(slot.dec.get_tensor_shape("cand_logp")) != cand:
+                raise RuntimeError(f"TensorRT decoder_step: cand_logp is not {cand} for these inputs")
+            # Every output needs an address (logp too: it comes down only when asked).
+            outputs = {name: write[self._refill.get(name, name)] for name in out_shapes}
             self._run(slot, slot.dec, {**addresses, **outputs}, "decoder_step")
-            logp = self._download(slot, ws.addr["cand_logp"], (n, k, c), io["cand_logp"][1])
-            ids = self._download(slot, ws.addr["cand_ids"], (n, k, c), io["cand_ids"][1])
-            alpha = self._download(slot, ws.addr["alpha"], (n, k, p), io["alpha"][1]) if want_alpha else None
-            full = self.word_logp(self._download(slot, ws.addr["logp"], (n, k, m.vocab_size + 1), io["logp"][1])) \
-                if want_logp else None
-        ws.cur, state.beams = b, k
+
+            def fetch(name: str) -> np.ndarray:
+                return self._download(slot, ws.addr[name], out_shapes[name], io[name][1])
+
+            logp, ids = fetch("cand_logp"), fetch("cand_ids")
+            alpha = fetch("alpha") if want_alpha else None
+            full = self.word_logp(fetch("logp")) if want_logp else None
+        ws.cur, state.beams = 1 - ws.cur, k
         return StepOutput(logp.astype(np.float32, copy=False), ids.astype(np.int64, copy=False),
                           None if alpha is None else alpha.astype(np.float32, copy=False),
                           None if full is None else full.astype(np.float32, copy=False))
+
+    def _shapes_at(self, n: int, k: int, kp: int) -> tuple[list[tuple[str, Shape]], dict[str, Shape]]:
+        """The step's inputs but the controls (shaped by their lists), in order, and its outputs, with their shapes
+        at batch n, beams k and incoming beams kp; remembered, as a decode repeats a few of them."""
+        got = self._step_shapes.get((n, k, kp))
+        if got is None:
+            now = {**self._sizes, gc.BATCH.name: n, gc.BEAMS.name: k, gc.PREV_BEAMS.name: kp}
+            got = self._step_shapes[(n, k, kp)] = (
+                [(t.name, t.resolve(now)) for t in self._step_io.inputs if t.name in gc.DECODER_STATE_INPUTS],
+                {t.name: t.resolve(now) for t in self._step_io.outputs})
+        return got
 
     def _control_arrays(self, n: int, k: int, controls: StepControls | None, want_logp: bool) -> dict[str, np.ndarray]:
         """The control inputs to upload ({} for a format-1 engine), checked against the profile. The engine
@@ -392,7 +393,7 @@ class TrtEngine(Engine):
 
     def select(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         ws = self._live(state)
-        n, kp, m = state.batch, state.beams, self.model
+        n, kp = state.batch, state.beams
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and (rows.dtype.kind not in "iu" or rows[0] < 0 or rows[-1] >= n
                                              or np.any(np.diff(rows) <= 0))):
@@ -400,10 +401,10 @@ class TrtEngine(Engine):
         copies = compaction_copies(rows.tolist())
         if copies:
             slot, io = self._slot(), self._io["decoder_step"]
-            p, hd = m.num_pixels, m.dims["decoder_dim"]
-            buffers = ((ws.addr["features"], p * m.dims["encoder_dim"] * io["features"][1].itemsize),
-                       (ws.addr["att_proj"], p * m.dims["attention_dim"] * io["att_proj"][1].itemsize),
-                       (ws.h[ws.cur], kp * hd * io["h"][1].itemsize), (ws.c[ws.cur], kp * hd * io["c"][1].itemsize))
+            row = {**self._sizes, gc.BATCH.name: 1, gc.PREV_BEAMS.name: kp}  # one image's part of a carried tensor
+            buffers = [(ws.sides[ws.cur][name],
+                        int(np.prod(self._step_io.tensor(name).resolve(row))) * io[name][1].itemsize)
+                       for name in gc.CARRIED]
             with self._on_stream(slot):  # device-to-device copies, in order on one stream
                 for src, dst, count in copies:
                     for base, block in buffers:

@@ -1,6 +1,6 @@
-"""What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`),
-optimization profiles, the local engine cache, building engines from the ONNX graphs, and checking
-them against the model format. Profiles, cache keys and the cache store are pure Python.
+"""What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`), the
+local engine cache, building engines from the ONNX graphs with the optimization profiles of
+trt_shapes, and reading the built engines' I/O. Cache keys and the cache store are pure Python.
 
 Serialized engines are executable artifacts: they are built on this machine, and a cached one is
 deserialized only if its sidecar holds exactly the requested key (graph sha256, TensorRT version,
@@ -23,21 +23,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from captrt.atomic import atomic_path
+from captrt.runtime.engines.trt_shapes import IoTable, Profile, Shape
+# Kept importable from here for the code and tests that name them so (tb.MAX_CONTROL_IDS, tb.profiles_for_model).
+from captrt.runtime.engines.trt_shapes import MAX_CONTROL_IDS, profiles_for_model  # noqa: F401
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
-from captrt.runtime.model_dir import GRAPH_INPUTS, GRAPH_OUTPUTS, V1_INPUTS, V1_OUTPUTS
 
 log = logging.getLogger("captrt.runtime.trt")
 
-Shape = tuple[int, ...]
-Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-# Tensor names of docs/model-format.md (repeated here: captrt.export imports torch).
-
 CACHE_FORMAT = "captrt-trt-cache"
 CACHE_VERSION = 1
-# Longest ban_ids / penalty_ids list per slot a TensorRT profile admits (suppress + n-gram bans, or the
-# distinct words of a hypothesis): the engine refuses longer lists with a message naming the option.
-MAX_CONTROL_IDS = 256
 
 
 def install_hint(cuda_major: int | None = None) -> str:
@@ -127,55 +121,6 @@ def trt_logger(trt: Any) -> Any:
         if _LOGGER is None:
             _LOGGER = trt.Logger(trt.Logger.WARNING)
         return _LOGGER
-
-
-# ---------------------------------------------------------------- optimization profiles
-
-def graph_profiles(*, image_size: int, num_pixels: int, encoder_dim: int, attention_dim: int, decoder_dim: int,
-                   max_beam: int, max_batch: int, opt_batch: int | None = None,
-                   opt_beam: int | None = None, controls: bool = True) -> dict[str, Profile]:
-    """One optimization profile per graph, covering batch 1..max_batch and beam 1..max_beam.
-
-    encoder:      image (N, S, S, 3)
-    decoder_step: tokens/origin (N, K), h/c (N, K_prev, H), features (N, P, E), att_proj (N, P, A);
-                  K and K_prev range independently over 1..max_beam (K_prev = 1 at the first step);
-                  with controls (format version 2) ban_ids/penalty_ids (N, K, 1..MAX_CONTROL_IDS),
-                  optimized for 1 (the default path's padding), and penalty (N,).
-    opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width).
-    """
-    sizes = dict(image_size=image_size, num_pixels=num_pixels, encoder_dim=encoder_dim, attention_dim=attention_dim,
-                 decoder_dim=decoder_dim, max_beam=max_beam, max_batch=max_batch)
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    ob = min(8, max_batch) if opt_batch is None else opt_batch
-    ok = min(5, max_beam) if opt_beam is None else opt_beam
-    if not isinstance(ob, int) or not 1 <= ob <= max_batch:
-        raise ValueError(f"opt_batch: expected an integer in 1..max_batch={max_batch}, got {opt_batch!r}")
-    if not isinstance(ok, int) or not 1 <= ok <= max_beam:
-        raise ValueError(f"opt_beam: expected an integer in 1..max_beam={max_beam}, got {opt_beam!r}")
-
-    def dyn(*tail: int, beam: bool = False) -> tuple[Shape, Shape, Shape]:
-        if beam:
-            return (1, 1, *tail), (ob, ok, *tail), (max_batch, max_beam, *tail)
-        return (1, *tail), (ob, *tail), (max_batch, *tail)
-
-    p = num_pixels
-    step: Profile = {"tokens": dyn(beam=True), "origin": dyn(beam=True), "h": dyn(decoder_dim, beam=True),
-                     "c": dyn(decoder_dim, beam=True), "features": dyn(p, encoder_dim), "att_proj": dyn(p, attention_dim)}
-    if controls:
-        ids = ((1, 1, 1), (ob, ok, 1), (max_batch, max_beam, MAX_CONTROL_IDS))
-        step.update({"ban_ids": ids, "penalty_ids": ids, "penalty": dyn()})
-    return {"encoder": {"image": dyn(image_size, image_size, 3)}, "decoder_step": step}
-
-
-def profiles_for_model(model: Any, *, max_batch: int, opt_batch: int | None = None,
-                       opt_beam: int | None = None) -> dict[str, Profile]:
-    """graph_profiles() with the dimensions of a captrt.runtime.model_dir.ModelDir."""
-    d = model.dims
-    return graph_profiles(image_size=model.image_size, num_pixels=model.num_pixels, encoder_dim=d["encoder_dim"],
-                          attention_dim=d["attention_dim"], decoder_dim=d["decoder_dim"], max_beam=model.max_beam,
-                          max_batch=max_batch, opt_batch=opt_batch, opt_beam=opt_beam, controls=model.controls)
 
 
 # ---------------------------------------------------------------- cache keys
@@ -382,9 +327,6 @@ def load_or_build_engine(trt: Any, runtime: Any, cache: SignedCache | None, mode
     return engine, "built"
 
 
-IoTable = dict[str, tuple[bool, Any, tuple[int, ...]]]  # name -> (is_input, numpy dtype, shape, -1 = dynamic)
-
-
 def engine_io(trt: Any, engine: Any) -> IoTable:
     """An engine's I/O tensors. Dtypes are the engine's own (TopK indices may be int32, not int64)."""
     table: IoTable = {}
@@ -399,22 +341,3 @@ def engine_io(trt: Any, engine: Any) -> IoTable:
         table[name] = (engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT, dtype,
                        tuple(engine.get_tensor_shape(name)))
     return table
-
-
-def check_engine_io(io: Mapping[str, IoTable], max_beam: int, controls: bool = True) -> None:
-    """Names as in the model format (controls: version 2's); buffers shared by two tensors agree on
-    dtype; C == max_beam."""
-    want_in, want_out = (GRAPH_INPUTS, GRAPH_OUTPUTS) if controls else (V1_INPUTS, V1_OUTPUTS)
-    for graph, table in io.items():
-        ins = {n for n, v in table.items() if v[0]}
-        if ins != set(want_in[graph]) or set(table) - ins != set(want_out[graph]):
-            raise ModelDirError(f"{graph}: TensorRT engine has I/O {sorted(table)}, not the model format's")
-    enc, dec = io["encoder"], io["decoder_step"]
-    for a, b, c in (("features", "features", None), ("att_proj", "att_proj", None),
-                    ("h0", "h", "h_out"), ("c0", "c", "c_out")):
-        kinds = {enc[a][1], dec[b][1]} | ({dec[c][1]} if c else set())
-        if len(kinds) != 1:  # one device buffer is written as one tensor and read as the other
-            raise ModelDirError(f"encoder {a} / decoder_step {b}: dtypes differ {sorted(map(str, kinds))}")
-    shape = dec["cand_logp"][2]  # -1 = decided at run time (step() checks it via get_tensor_shape)
-    if len(shape) != 3 or shape[-1] not in (-1, max_beam):
-        raise ModelDirError(f"decoder_step: cand_logp has shape {shape}; expected (N, K, C = max_beam = {max_beam})")

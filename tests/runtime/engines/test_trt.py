@@ -22,7 +22,7 @@ from captrt.runtime.engines import create_engine
 from captrt.runtime.engines import trt_build as tb
 from captrt.runtime.engines.trt import TrtEngine, compaction_copies
 from captrt.runtime.errors import EngineUnavailableError
-from captrt.runtime.model_dir import ModelDir
+from captrt.runtime.model_dir import DECODER_INPUTS, DECODER_STATE_INPUTS, ModelDir
 from tests.conftest import tiny_vocab
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -132,7 +132,7 @@ def test_profiles_from_a_manifest(tmp_path):
     prof = tb.profiles_for_model(model, max_batch=16)
     assert prof["encoder"] == {"image": ((1, 256, 256, 3), (8, 256, 256, 3), (16, 256, 256, 3))}
     dec = prof["decoder_step"]
-    assert set(dec) == set(tb.GRAPH_INPUTS["decoder_step"])
+    assert set(dec) == set(DECODER_INPUTS)
     assert dec["tokens"] == dec["origin"] == ((1, 1), (8, 5), (16, 6))
     assert dec["h"] == dec["c"] == ((1, 1, 40), (8, 5, 40), (16, 6, 40))  # K_prev from 1 (h0) to max_beam
     assert dec["features"] == ((1, 16, 512), (8, 16, 512), (16, 16, 512))  # P = grid^2
@@ -141,7 +141,7 @@ def test_profiles_from_a_manifest(tmp_path):
     assert dec["ban_ids"] == dec["penalty_ids"] == ((1, 1, 1), (8, 5, 1), (16, 6, tb.MAX_CONTROL_IDS))
     assert dec["penalty"] == ((1,), (8,), (16,))
     old = tb.profiles_for_model(fake_model_dir(tmp_path / "v1", format_version=1), max_batch=16)["decoder_step"]
-    assert set(old) == set(tb.V1_INPUTS["decoder_step"])  # a format-1 step graph has no control inputs
+    assert set(old) == set(DECODER_STATE_INPUTS)  # a format-1 step graph has no control inputs
 
 
 def test_profile_options_are_checked(tmp_path):
