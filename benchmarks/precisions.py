@@ -32,7 +32,7 @@ PAIRS = ("ort", "openvino")
 def measure(model: Path, iters: int, warmup: int) -> dict[str, Any]:
     from captrt.bench.bench import run_bench
     from captrt.runtime.model_dir import ModelDir
-    from captrt.runtime.parity_set import ParitySet
+    from captrt.runtime.verification.parity_set import ParitySet
 
     mdir = ModelDir.load(model)
     parity = ParitySet.load(mdir)

@@ -165,7 +165,7 @@ def _read_or_path(captioner: Any, path: str) -> Any:
 
 def _plot(captioner: Any, path: str, image: Any, cap: Any, target: Path, complain) -> int:
     """Draw `cap`'s attention over `image`, the (S, S, 3) array it was captioned from."""
-    from captrt.runtime.attention_plot import plot_attention
+    from captrt.attention_plot import plot_attention
 
     try:
         words = [captioner.vocab.id2word[t] for t in cap.tokens]

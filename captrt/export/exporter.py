@@ -27,7 +27,7 @@ from captrt.export.variant_quality import (describe_candidates, describe_mix, se
                                           verify_engines_here)
 from captrt.runtime import graph_contract
 from captrt.runtime.graph_contract import CONTROL_INPUTS
-from captrt.runtime.parity_set import ParitySet, fingerprint
+from captrt.runtime.verification.parity_set import ParitySet, fingerprint
 from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
                                    key_digest, search_tokens)
 from captrt.runtime.verify import record as verify_record
@@ -59,7 +59,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
 
     fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
     differences within tolerance) or nothing is written, unless force. The directory carries its
-    parity set (images, references, fp32 captions: captrt.runtime.parity_set). Each fp16/int8
+    parity set (images, references, fp32 captions: captrt.runtime.verification.parity_set). Each fp16/int8
     variant is judged on it against fp32 (captrt.runtime.verify, `quality_budget`): one that misses
     the budget is not written (force writes it, recorded as failed) and is listed in the returned
     manifest's "refused". verify_engines: (engine, precision) pairs decided by an engine at load

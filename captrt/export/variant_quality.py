@@ -15,7 +15,7 @@ import onnx
 
 from captrt.export.manifest import MANIFEST, MAX_STEPS, write_json
 from captrt.export.progress import Progress
-from captrt.runtime.parity_set import ParitySet
+from captrt.runtime.verification.parity_set import ParitySet
 from captrt.runtime.verify import QualityReport, judge_tokens, measure, record, verification_key
 from captrt.vocab import Vocab
 

@@ -82,7 +82,7 @@ def _machine_matches(key: dict[str, Any], engine: str, device: str, model_print:
 
 def survey(model: "ModelDir", engine: str, device: str, budget: float | None = None) -> list[dict[str, Any]]:
     """One entry per precision of `engine`: precision, status, speedup (when known), why; fp32 first."""
-    from captrt.runtime.parity_set import fingerprint
+    from captrt.runtime.verification.parity_set import fingerprint
 
     model_print = fingerprint(model.graphs, model.manifest.get("parity_set"))
     records = [r for r in all_records(model) if _machine_matches(r["key"], engine, device, model_print)]

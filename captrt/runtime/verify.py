@@ -33,8 +33,8 @@ import numpy as np
 
 from captrt.files import read_regular
 from captrt.runtime.errors import UnverifiedPrecisionError
-from captrt.runtime.parity_set import ParitySet, fingerprint
-from captrt.runtime.text_metrics import cider_d, corpus_bleu4
+from captrt.runtime.verification.parity_set import ParitySet, fingerprint
+from captrt.runtime.verification.text_metrics import cider_d, corpus_bleu4
 
 if TYPE_CHECKING:
     from captrt.runtime.engines.base import Engine

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from captrt.runtime import Captioner
-from captrt.runtime.attention_plot import plot_attention, upsample_attention
+from captrt.attention_plot import plot_attention, upsample_attention
 from captrt.cli.caption import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, caption_files, expand_inputs
 from tests.conftest import random_images
 

@@ -25,7 +25,7 @@ from captrt.runtime import Captioner
 from captrt.runtime.auto import choose
 from captrt.runtime.engines import create_engine
 from captrt.runtime.model_dir import ModelDir
-from captrt.runtime.parity_set import fingerprint
+from captrt.runtime.verification.parity_set import fingerprint
 from captrt.runtime.verify import (QualityReport, key_digest, record, store_record, verification_key,
                                    verify_model)
 from captrt.train.checkpoint import load_checkpoint, save_checkpoint

@@ -320,8 +320,8 @@ def cache_directory(model: "ModelDir") -> Path | None:
     OpenVINO names its blobs by a hash of the model and the compile options, which anyone can compute:
     a model directory shipped with a crafted cache/ would have its blob loaded instead of the verified
     graph. The directory's tag is an HMAC of the model's identity with this machine's cache secret (the
-    TensorRT engine's, trt_build.local_secret), so only blobs compiled on this machine are ever found."""
-    from captrt.runtime.engines.trt_build import local_secret
+    TensorRT engine's, captrt.runtime.signing.local_secret), so only blobs compiled on this machine are ever found."""
+    from captrt.runtime.signing import local_secret
 
     try:
         root = model.cache_dir()

@@ -32,6 +32,7 @@ from captrt.runtime.engines.trt_shapes import (REWRITTEN, SIDES, Shape, check_en
                                                workspace_buffers)
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.signing import SignedCache, local_secret
 from captrt.runtime.model_dir import ModelDir
 
 log = logging.getLogger("captrt.runtime.trt")
@@ -183,7 +184,7 @@ class TrtEngine(Engine):
 
     # -------------------------------------------------------- building / loading
 
-    def _open_cache(self, cache_dir: Any) -> tb.SignedCache | None:
+    def _open_cache(self, cache_dir: Any) -> SignedCache | None:
         if cache_dir is not None:
             path = Path(cache_dir)
             try:
@@ -196,7 +197,7 @@ class TrtEngine(Engine):
             except ModelDirError as exc:  # e.g. a read-only model directory: still runs, rebuilds each time
                 log.warning("%s; TensorRT engines will not be cached (pass cache_dir=...)", exc)
                 return None
-        return tb.SignedCache(path, tb.local_secret())
+        return SignedCache(path, local_secret())
 
     def _plan(self) -> tuple[dict[str, int], int]:
         """One workspace's layout (name -> byte offset) and size (workspace_buffers)."""

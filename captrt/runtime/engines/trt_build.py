@@ -1,6 +1,7 @@
 """What the TensorRT engine does before it runs: import tensorrt/CUDA (lazily, `load_backend`), the
-local engine cache, building engines from the ONNX graphs with the optimization profiles of
-trt_shapes, and reading the built engines' I/O. Cache keys and the cache store are pure Python.
+local engine cache's keys, building engines from the ONNX graphs with the optimization profiles of
+trt_shapes, and reading the built engines' I/O. Cache keys are pure Python; the cache store and its
+secret are engine-neutral (captrt.runtime.signing).
 
 Serialized engines are executable artifacts: they are built on this machine, and a cached one is
 deserialized only if its sidecar holds exactly the requested key (graph sha256, TensorRT version,
@@ -11,27 +12,19 @@ this machine, so a model directory copied from elsewhere with a `cache/` inside 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import json
 import logging
-import os
-import secrets
 import threading
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from captrt.atomic import atomic_path
 from captrt.runtime.engines.trt_shapes import IoTable, Profile, Shape
 # Kept importable from here for the code and tests that name them so (tb.MAX_CONTROL_IDS, tb.profiles_for_model).
 from captrt.runtime.engines.trt_shapes import MAX_CONTROL_IDS, profiles_for_model  # noqa: F401
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
+from captrt.runtime.signing import SignedCache, canonical
 
 log = logging.getLogger("captrt.runtime.trt")
-
-CACHE_FORMAT = "captrt-trt-cache"
-CACHE_VERSION = 1
 
 
 def install_hint(cuda_major: int | None = None) -> str:
@@ -125,11 +118,6 @@ def trt_logger(trt: Any) -> Any:
 
 # ---------------------------------------------------------------- cache keys
 
-def _canonical(obj: Any) -> str:
-    """JSON with sorted keys and tuples as lists: equal keys always serialize to equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
 def cache_key(*, graph: str, graph_sha256: str, precision: str, trt_version: str, compute_capability: str,
               profile: Profile, build: Mapping[str, Any]) -> dict[str, Any]:
     """Everything an engine depends on. `build` holds builder settings (typing, flags, workspace)."""
@@ -140,96 +128,7 @@ def cache_key(*, graph: str, graph_sha256: str, precision: str, trt_version: str
 
 def cache_name(key: Mapping[str, Any]) -> str:
     """File stem of an engine: the sha256 of the canonical key (the sidecar holds the key itself)."""
-    return hashlib.sha256(_canonical(key).encode("utf-8")).hexdigest()[:40]
-
-
-def local_secret(path: Path | None = None) -> bytes:
-    """The machine-local HMAC secret (created once, mode 0600) that marks cache entries as built here.
-
-    Default location: $XDG_CACHE_HOME/captrt/trt-cache.key (~/.cache/...). When it cannot be read or
-    created, a per-process secret is returned: caching then only works within this process.
-    """
-    if path is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = Path(base) / "captrt" / "trt-cache.key"
-    for _ in range(2):
-        try:
-            data = path.read_bytes()
-            if len(data) >= 32:
-                return data
-            break  # too short: damaged, or another process is writing it right now
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            return _process_secret(path, exc)
-        try:  # O_EXCL: exactly one process creates the secret, the others read it
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            return _process_secret(path, exc)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-    return _process_secret(path, "unreadable or too short")
-
-
-def _process_secret(path: Path, why: object) -> bytes:
-    log.warning("cannot keep a TensorRT cache secret at %s (%s): engines will be rebuilt in every process",
-                path, why)
-    return secrets.token_bytes(32)
-
-
-class SignedCache:
-    """NAME.bin + NAME.json in one directory; a blob is returned only if the sidecar vouches for it.
-
-    The sidecar holds the full key, the blob's sha256 and an HMAC over both with `secret`.
-    """
-
-    def __init__(self, directory: Path, secret: bytes):
-        self.directory = Path(directory)
-        self._secret = secret
-
-    def _mac(self, key: Mapping[str, Any], blob_sha: str) -> str:
-        return hmac.new(self._secret, (_canonical(key) + "\n" + blob_sha).encode("utf-8"), hashlib.sha256).hexdigest()
-
-    def paths(self, name: str) -> tuple[Path, Path]:
-        return self.directory / f"{name}.bin", self.directory / f"{name}.json"
-
-    def load(self, name: str, key: Mapping[str, Any]) -> bytes | None:
-        """The blob stored under `name` for exactly `key`, or None (missing, stale, foreign or damaged)."""
-        blob_path, side_path = self.paths(name)
-        try:
-            side = json.loads(side_path.read_text(encoding="utf-8"))
-            blob = blob_path.read_bytes()
-        except (OSError, ValueError):
-            return None
-        if not isinstance(side, dict) or side.get("format") != CACHE_FORMAT or side.get("version") != CACHE_VERSION:
-            return None
-        if _canonical(side.get("key")) != _canonical(key):
-            log.info("%s: built for a different key; rebuilding", side_path)
-            return None
-        blob_sha = hashlib.sha256(blob).hexdigest()
-        if side.get("blob_sha256") != blob_sha:
-            log.warning("%s: does not match its sidecar (modified or half-written); rebuilding", blob_path)
-            return None
-        if not hmac.compare_digest(str(side.get("hmac", "")), self._mac(key, blob_sha)):
-            log.warning("%s: not built on this machine (cache secret differs); refusing to load it", blob_path)
-            return None
-        return blob
-
-    def store(self, name: str, key: Mapping[str, Any], blob: bytes) -> None:
-        """Write blob then sidecar, each atomically (a sidecar paired with another writer's blob fails
-        its sha256 check in load)."""
-        blob_path, side_path = self.paths(name)
-        blob_sha = hashlib.sha256(blob).hexdigest()
-        side = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "blob_sha256": blob_sha,
-                "size": len(blob), "hmac": self._mac(key, blob_sha)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(blob_path) as tmp:
-            tmp.write_bytes(blob)
-        with atomic_path(side_path) as tmp:
-            tmp.write_text(json.dumps(side, indent=1, sort_keys=True), encoding="utf-8")
+    return hashlib.sha256(canonical(key).encode("utf-8")).hexdigest()[:40]
 
 
 # ---------------------------------------------------------------- building (needs tensorrt)

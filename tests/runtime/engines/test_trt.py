@@ -9,7 +9,6 @@ tests are marked `tensorrt` and skip unless tensorrt imports and a CUDA GPU is v
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -178,50 +177,6 @@ def test_cache_key_is_stable():
     reordered["graph_sha256"] = KEY_ARGS["graph_sha256"].upper()
     assert tb.cache_name(a) == tb.cache_name(tb.cache_key(**reordered)) == tb.cache_name(json.loads(json.dumps(a)))
     assert len(tb.cache_name(a)) == 40
-
-
-def test_signed_cache_round_trip_and_refusals(tmp_path):
-    key = tb.cache_key(**KEY_ARGS)
-    name = tb.cache_name(key)
-    cache = tb.SignedCache(tmp_path, b"s" * 32)
-    assert cache.load(name, key) is None  # nothing stored yet
-    cache.store(name, key, b"engine-bytes")
-    assert cache.load(name, key) == b"engine-bytes"
-    side = json.loads((tmp_path / f"{name}.json").read_text())
-    assert side["key"] == json.loads(json.dumps(key)) and side["size"] == 12
-
-    other = tb.cache_key(**{**KEY_ARGS, "trt_version": "10.9.0"})
-    assert cache.load(name, other) is None  # sidecar describes another build
-    assert tb.SignedCache(tmp_path, b"t" * 32).load(name, key) is None  # built elsewhere (other secret)
-
-    blob_path, side_path = cache.paths(name)
-    blob_path.write_bytes(b"engine-bytez")
-    assert cache.load(name, key) is None  # blob replaced behind the sidecar's back
-    cache.store(name, key, b"engine-bytes")
-    side_path.write_text("{not json")
-    assert cache.load(name, key) is None
-    side_path.unlink()
-    assert cache.load(name, key) is None
-
-
-def test_forged_sidecar_without_the_secret_is_refused(tmp_path):
-    """An attacker who ships cache/ can write a matching key and blob hash, but not the HMAC."""
-    key = tb.cache_key(**KEY_ARGS)
-    name = tb.cache_name(key)
-    tb.SignedCache(tmp_path, b"attacker" * 4).store(name, key, b"evil")
-    side = json.loads((tmp_path / f"{name}.json").read_text())
-    assert side["key"] == json.loads(json.dumps(key))  # the key alone would have matched
-    assert tb.SignedCache(tmp_path, b"local!!!" * 4).load(name, key) is None
-
-
-def test_local_secret_is_created_once_and_private(tmp_path):
-    path = tmp_path / "captrt" / "trt-cache.key"
-    first = tb.local_secret(path)
-    assert len(first) == 32 and tb.local_secret(path) == first
-    assert os.stat(path).st_mode & 0o077 == 0
-    (tmp_path / "afile").write_text("x")
-    a, b = tb.local_secret(tmp_path / "afile" / "key"), tb.local_secret(tmp_path / "afile" / "key")
-    assert len(a) == 32 and a != b  # cannot be stored: a fresh per-process secret each time
 
 
 # ------------------------------------------------------------------ device row compaction

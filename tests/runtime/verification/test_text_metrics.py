@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from captrt.runtime.text_metrics import cider_d, corpus_bleu4
+from captrt.runtime.verification.text_metrics import cider_d, corpus_bleu4
 
 WORDS = "a red blue green circle square on the left right top two three big small".split()
 

@@ -1,0 +1,3 @@
+"""What a precision's quality is verified on and measured with: the model directory's parity set (images,
+references and fp32 captions) and the corpus metrics BLEU-4 and CIDEr-D. captrt.runtime.verify runs the
+verification when a model loads; the exporter writes the parity set. numpy only, like the rest of the runtime."""
