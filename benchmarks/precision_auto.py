@@ -111,7 +111,7 @@ def step_only_copy(model: Path, out: Path) -> Path:
 # -- (a) precisions ---------------------------------------------------------------------------------------
 def precisions(dirs: dict[str, Path], images, batches: list[int], reps: int, steps: int) -> dict[str, Any]:
     from captrt.runtime import Captioner
-    from captrt.runtime.verify import verify_model
+    from captrt.runtime.verification.verify import verify_model
     from decoding import same_captions, timed_captions
 
     rows: dict[str, dict[str, Any]] = {}

@@ -8,7 +8,7 @@ A speed without its quality is not a result, so every row carries both, from one
   of the model's own parity images, every engine loaded at once and taking turns run by run;
   end-to-end ms per image (p50), and its ratio to ONNX Runtime fp32 and to the reference (the seed's
   per-image PyTorch search).
-- quality: the precision's verification on the model's parity set (captrt.runtime.verify, the same
+- quality: the precision's verification on the model's parity set (captrt.runtime.verification.verify, the same
   measurement as export, `captrt verify` and a first load): BLEU-4 and CIDEr as % of fp32's against
   the dataset's references, and the share of captions identical to fp32's; fp32 on ONNX Runtime is
   the yardstick (token-identical to the PyTorch reference by the export's gate).

@@ -2,7 +2,7 @@
 
 fp32 engines that compute in fp32 are exact (the export's parity gate holds them token-identical to
 the PyTorch reference). Every other engine/precision gets the verification Captioner.load would use
-(captrt.runtime.verify: the export's record or a cached one for this machine and engine numerics);
+(captrt.runtime.verification.verify: the export's record or a cached one for this machine and engine numerics);
 when there is none, the bench measures it now on the parity set and caches it, as a first load would.
 """
 
@@ -21,7 +21,7 @@ def row_quality(model: ModelDir, runner: Any, *, measure_missing: bool = True) -
         return {"status": "reference" if runner.name == "reference" else "peer", "source": None}
     if not engine.needs_verification:
         return {"status": "exact", "source": None}
-    from captrt.runtime.verify import ensure_verified
+    from captrt.runtime.verification.verify import ensure_verified
 
     found = ensure_verified(model, engine, allow_unverified=True, verify_now=measure_missing)
     if found.report is None:

@@ -17,7 +17,7 @@ def verify_command(model_dir: str | os.PathLike, *, engine: str = "ort", device:
                    json_out: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """0 when the engine/precision keeps the quality budget on MODEL_DIR's parity set here, 1 when not, 2 on bad usage.
     The result is cached in MODEL_DIR/cache/verify, so the next Captioner.load of this pair uses it."""
-    from captrt.runtime.verify import verify_model
+    from captrt.runtime.verification.verify import verify_model
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err

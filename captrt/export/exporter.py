@@ -28,9 +28,9 @@ from captrt.export.variant_quality import (describe_candidates, describe_mix, se
 from captrt.runtime import graph_contract
 from captrt.runtime.graph_contract import CONTROL_INPUTS
 from captrt.runtime.verification.parity_set import ParitySet, fingerprint
-from captrt.runtime.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
+from captrt.runtime.verification.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
                                    key_digest, search_tokens)
-from captrt.runtime.verify import record as verify_record
+from captrt.runtime.verification.verify import record as verify_record
 from captrt.train.model import CaptionModel, normalize_uint8
 from captrt.train.reference import reference_beam_search
 from captrt.vocab import Vocab
@@ -60,7 +60,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
     fp32 graphs must pass parity (identical beam-search captions on every parity image, numeric
     differences within tolerance) or nothing is written, unless force. The directory carries its
     parity set (images, references, fp32 captions: captrt.runtime.verification.parity_set). Each fp16/int8
-    variant is judged on it against fp32 (captrt.runtime.verify, `quality_budget`): one that misses
+    variant is judged on it against fp32 (captrt.runtime.verification.verify, `quality_budget`): one that misses
     the budget is not written (force writes it, recorded as failed) and is listed in the returned
     manifest's "refused". verify_engines: (engine, precision) pairs decided by an engine at load
     time, e.g. ("openvino", "bf16"), verified on this machine and recorded in captrt.json.
@@ -391,7 +391,7 @@ class _ParityChecker:
         with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
             numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
             with self.log.bar(len(self.set), f"{precision} beam search") as tick:
-                # The same search, batch and code as `captrt verify` and a first load (captrt.runtime.verify).
+                # The same search, batch and code as `captrt verify` and a first load (captrt.runtime.verification.verify).
                 tokens = search_tokens(engine, self.set.images, start=self.vocab.start, end=self.vocab.end,
                                        vocab_size=len(self.vocab), beam_size=self.beam, max_steps=MAX_STEPS,
                                        on_batch=tick)

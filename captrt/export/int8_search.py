@@ -44,7 +44,7 @@ Graphs = tuple[onnx.ModelProto, onnx.ModelProto]
 
 
 class Judgement(Protocol):
-    """What a judge returns (captrt.runtime.verify.QualityReport is one)."""
+    """What a judge returns (captrt.runtime.verification.verify.QualityReport is one)."""
 
     @property
     def passed(self) -> bool: ...
@@ -307,7 +307,7 @@ def caption_tokens(encoder: onnx.ModelProto, decoder: onnx.ModelProto, images: n
                    vocab_size: int, beam_size: int, max_steps: int, batch: int = 16) -> list[list[int]]:
     """Word ids per image by the runtime's batched beam search over CPU sessions of the two graphs."""
     from captrt.export.parity import make_session, search_engine
-    from captrt.runtime.verify import search_tokens
+    from captrt.runtime.verification.verify import search_tokens
 
     engine = search_engine(make_session(encoder.SerializeToString()), decoder.SerializeToString())
     return search_tokens(engine, images, start=start, end=end, vocab_size=vocab_size, beam_size=beam_size,
@@ -318,7 +318,7 @@ def token_judge(encoder: onnx.ModelProto, decoder: onnx.ModelProto, tuning_image
                 end: int, vocab_size: int, beam_size: int = 5, max_steps: int = 50,
                 budget: float = 0.97) -> Judge:
     """A judge from fp32 graphs: captions of the tuning images (uint8 (M, S, S, 3)) must be identical to
-    fp32's on at least `budget` of them. The exporter's judge (captrt.runtime.verify) also scores
+    fp32's on at least `budget` of them. The exporter's judge (captrt.runtime.verification.verify) also scores
     BLEU-4/CIDEr against references; this one needs none."""
     kw = dict(start=start, end=end, vocab_size=vocab_size, beam_size=beam_size, max_steps=max_steps)
     reference = caption_tokens(encoder, decoder, tuning_images, **kw)

@@ -2,7 +2,7 @@
 
 One run of a configuration: the encoder on one image (batch 1), then `steps` decoder steps at N=1 and
 K=beams, each step fed the previous step's best words, with the runtime's session options and the
-step graph the runtime's default path runs (captrt.runtime.plain_step: cut without its decoding
+step graph the runtime's default path runs (captrt.runtime.engines.plain_step: cut without its decoding
 controls when the cut applies). `steps` is what a real caption takes (the exporter passes the fp32
 captions' mean length + 1 on the tuning images). The configurations take turns run by run, so
 shared-CPU noise hits all of them alike; the result is the median ms per configuration.
@@ -41,7 +41,7 @@ def measure_configurations(configs: dict[str, tuple[onnx.ModelProto, onnx.ModelP
     import onnxruntime as ort
 
     from captrt.runtime.engines.ort import session_options
-    from captrt.runtime.plain_step import plain_step_graph
+    from captrt.runtime.engines.plain_step import plain_step_graph
 
     so = session_options(threads)
     sessions: dict[int, Any] = {}

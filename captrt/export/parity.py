@@ -143,11 +143,11 @@ def candidates(decoder) -> int:
 
 def search_engine(encoder, decoder_bytes: bytes, *, precision: str = "fp32", controlled=None):
     """A SessionEngine that decodes as the runtime's default path does: with the step graph cut without its
-    decoding controls (captrt.runtime.plain_step) when the cut applies, the format-2 graph beside it for
+    decoding controls (captrt.runtime.engines.plain_step) when the cut applies, the format-2 graph beside it for
     controls (`controlled`, a session of decoder_bytes when the caller has one; opened on demand otherwise).
     The step's ops are small: its sessions take one thread."""
     from captrt.runtime.engines.ort import SessionEngine
-    from captrt.runtime.plain_step import plain_step_graph
+    from captrt.runtime.engines.plain_step import plain_step_graph
 
     plain = plain_step_graph(decoder_bytes)
     if plain is None:

@@ -1,7 +1,7 @@
 """The export's quality work beyond fp32 parity: the int8 search's glue and engine-decided precisions.
 
 search_int8_variant runs captrt.export.int8_search with a judge that measures candidates exactly as
-the parity set will (captrt.runtime.verify), on tuning images that are neither parity nor
+the parity set will (captrt.runtime.verification.verify), on tuning images that are neither parity nor
 calibration images; verify_engines_here verifies precisions an engine decides at load time (OpenVINO
 bf16) on the export machine and records them in captrt.json.
 """
@@ -16,7 +16,7 @@ import onnx
 from captrt.export.manifest import MANIFEST, MAX_STEPS, write_json
 from captrt.export.progress import Progress
 from captrt.runtime.verification.parity_set import ParitySet
-from captrt.runtime.verify import QualityReport, judge_tokens, measure, record, verification_key
+from captrt.runtime.verification.verify import QualityReport, judge_tokens, measure, record, verification_key
 from captrt.vocab import Vocab
 
 # The search aims above the budget by half its slack (0.995 for 0.99): on the demo model a mix that met 0.99
@@ -75,11 +75,11 @@ def describe_candidates(search: dict) -> str:
 
 def time_variants(tmp: Path, manifest: dict, log: Progress) -> dict:
     """Time every written variant that passed the export's verification on ONNX Runtime against fp32 on this
-    machine (captrt.runtime.speed), into its verification record: what precision="auto" ranks by (a variant
+    machine (captrt.runtime.verification.speed), into its verification record: what precision="auto" ranks by (a variant
     that missed the budget is never chosen, so it is not timed)."""
     from captrt.runtime.engines import create_engine
     from captrt.runtime.model_dir import ModelDir
-    from captrt.runtime.speed import speed_against_fp32
+    from captrt.runtime.verification.speed import speed_against_fp32
 
     records = [r for r in manifest.get("verification", []) if r.get("engine") == "ort" and r.get("precision") != "fp32"
                and r.get("precision") in manifest["graphs"] and r["key"].get("device") == "cpu"
@@ -111,7 +111,7 @@ def verify_engines_here(tmp: Path, manifest: dict, pairs: Sequence[tuple[str, st
     from captrt.runtime.engines import create_engine
     from captrt.runtime.errors import EngineUnavailableError, ModelDirError
     from captrt.runtime.model_dir import ModelDir
-    from captrt.runtime.speed import speed_against_fp32
+    from captrt.runtime.verification.speed import speed_against_fp32
 
     pairs = list(pairs)
     if ("openvino", "bf16") in pairs and "int8" in manifest["graphs"] and ("openvino", "bf16-int8") not in pairs:

@@ -1,12 +1,12 @@
 """precision="auto": the fastest precision verified for this engine on this machine, fp32 otherwise.
 
 At load, every verification of the model this machine can see (captrt.json's from the export, the
-cached ones from `captrt verify` and first loads: captrt.runtime.verify.all_records) is matched to
+cached ones from `captrt verify` and first loads: captrt.runtime.verification.verify.all_records) is matched to
 this engine and this machine: same engine and device, same CPU model and SIMD flags, same library
 versions as installed here, same model files. Each precision of the engine is then
 - fp32: the baseline (speedup 1.0; exact on the CPU);
 - a candidate when a matching verification passed the quality budget and carries a speed measured
-  here against the same engine's fp32 (captrt.runtime.speed, recorded by the export or `captrt verify`);
+  here against the same engine's fp32 (captrt.runtime.verification.speed, recorded by the export or `captrt verify`);
 - otherwise not chosen, with the reason: refused at export, missed the budget, verified but never
   timed here, or not verified on this machine.
 Candidates are tried fastest first, if faster than fp32: the engine is built and its verification
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from captrt.runtime.model_dir import ENGINE_PRECISIONS
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError, UnverifiedPrecisionError
-from captrt.runtime.verify import QualityReport, Verification, all_records, ensure_verified
+from captrt.runtime.verification.verify import QualityReport, Verification, all_records, ensure_verified
 
 if TYPE_CHECKING:
     from captrt.runtime.engines.base import Engine

@@ -28,7 +28,7 @@ from captrt.runtime.engines.base import Engine
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.preprocess import InvalidImageError, describe_source, load_image
 from captrt.runtime.streams import StreamPlan, StreamSlots, usable_cores
-from captrt.runtime.verify import Verification, check_budget, ensure_verified
+from captrt.runtime.verification.verify import Verification, check_budget, ensure_verified
 
 try:  # PIL is a runtime dependency; the check is only for recognising single images
     from PIL import Image as _PILImage
@@ -166,7 +166,7 @@ class Captioner:
         S x T above the usable cores raises ValueError unless oversubscribe (captrt.runtime.streams).
         providers: ONNX Runtime only, 'tensorrt' for
         its TensorRT execution provider (device='cuda'). image_*: limits passed to load_image.
-        Every precision but exact fp32 must have met the quality budget (captrt.runtime.verify) for
+        Every precision but exact fp32 must have met the quality budget (captrt.runtime.verification.verify) for
         this engine on this machine: the export's record, a cached one, or a check of the model's
         parity set run now (then cached). allow_unverified=True loads a precision whose check is
         missing or failed, with a warning; quality_budget overrides the 0.99 fraction of fp32's

@@ -1,6 +1,6 @@
 """The graphs' tensors, declared once: every input and output of encoder.onnx and decoder_step.onnx with
 its dtype and symbolic shape (the tables of docs/model-format.md), for format versions 1 and 2 and for the
-plain step graph an engine cuts at load (captrt.runtime.plain_step: format 1's inputs and outputs).
+plain step graph an engine cuts at load (captrt.runtime.engines.plain_step: format 1's inputs and outputs).
 
 The exporter names the dynamic axes from here and checks what it traced against it, ModelDir.check_io
 holds what an engine loaded to these names, and the TensorRT engine's optimisation profiles and device

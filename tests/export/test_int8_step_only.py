@@ -26,7 +26,7 @@ from captrt.runtime.auto import choose
 from captrt.runtime.engines import create_engine
 from captrt.runtime.model_dir import ModelDir
 from captrt.runtime.verification.parity_set import fingerprint
-from captrt.runtime.verify import (QualityReport, key_digest, record, store_record, verification_key,
+from captrt.runtime.verification.verify import (QualityReport, key_digest, record, store_record, verification_key,
                                    verify_model)
 from captrt.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import random_images
@@ -142,7 +142,7 @@ def test_auto_loads_the_fastest_verified_precision(copy):
 
 
 def test_auto_never_loads_a_refused_or_failed_variant(copy, monkeypatch):
-    import captrt.runtime.verify as verify
+    import captrt.runtime.verification.verify as verify
 
     _edit(copy, _set("int8", speedup=3.0, identical=PARITY // 2))  # the fastest, but below the budget
     _edit(copy, _set("fp16", speedup=1.3))

@@ -124,7 +124,7 @@ def model_copy(forced, tmp_path):
 
 
 def _count_measures(monkeypatch) -> list:
-    import captrt.runtime.verify as verify
+    import captrt.runtime.verification.verify as verify
 
     calls: list = []
     real = verify.measure

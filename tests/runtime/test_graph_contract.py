@@ -18,7 +18,7 @@ from captrt.runtime import graph_contract as gc
 from captrt.runtime.engines import trt_shapes as ts
 from captrt.runtime.errors import ModelDirError
 from captrt.runtime.model_dir import FORMAT_VERSION, ModelDir
-from captrt.runtime.plain_step import plain_step_graph
+from captrt.runtime.engines.plain_step import plain_step_graph
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "model-format.md"
 

@@ -142,7 +142,7 @@ class Engine(ABC):
                       plain: bool = False) -> StepControls | None:
         """What one step of N images x K slots feeds its graph: the caller's controls, neutral ones on the
         default path, or None when the graph that runs takes none: `plain` (the engine runs a step graph
-        without the processing for the default path, captrt.runtime.plain_step) or a format-1 graph, where
+        without the processing for the default path, captrt.runtime.engines.plain_step) or a format-1 graph, where
         asking for controls or logp is a ValueError. Every engine resolves its controls here."""
         if not self.controls:
             if controls is not None or want_logp:
@@ -186,12 +186,12 @@ class Engine(ABC):
     def needs_verification(self) -> bool:
         """True when this engine's numerics are not the exported graphs' on ONNX Runtime's CPU provider,
         so its captions must be checked against the model directory's parity set before serving
-        (captrt.runtime.verify). fp32 engines that compute in fp32 are exact; every lower precision,
+        (captrt.runtime.verification.verify). fp32 engines that compute in fp32 are exact; every lower precision,
         and any precision the engine decides at load time (TensorRT builds, OpenVINO bf16), is not."""
         return self.precision != "fp32"
 
     def numerics(self) -> dict[str, Any]:
-        """What decides this engine's numbers: the key of a cached verification (captrt.runtime.verify).
+        """What decides this engine's numbers: the key of a cached verification (captrt.runtime.verification.verify).
         Engines add their library versions and the device they run on (GPU name, effective precision)."""
         from captrt.runtime.hardware import cpu_flags, cpu_model
 

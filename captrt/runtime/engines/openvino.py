@@ -203,7 +203,7 @@ class OpenVinoEngine(SessionEngine):
         encoder = self._load(model.read_graph(enc_v, "encoder"), model.graph_path(enc_v, "encoder"), precision,
                              "encoder", "encoder" in explicit)
         step, step_path = model.read_graph(step_v, "decoder_step"), model.graph_path(step_v, "decoder_step")
-        # The default path runs the step graph cut without its decoding controls (captrt.runtime.plain_step);
+        # The default path runs the step graph cut without its decoding controls (captrt.runtime.engines.plain_step);
         # the format-2 graph is compiled on the first step that has options, where the plain one runs.
         plain = plain_step_bytes(model, step) if plain_step else None
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT, PLAIN_STEP
-from captrt.runtime.plain_step import plain_step_graph
+from captrt.runtime.engines.plain_step import plain_step_graph
 
 if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
@@ -103,7 +103,7 @@ def input_names(graph: Any) -> list[str]:
 
 
 def plain_step_bytes(model: "ModelDir", data: bytes) -> bytes | None:
-    """The step graph without its decoding controls (captrt.runtime.plain_step) when the model's step has
+    """The step graph without its decoding controls (captrt.runtime.engines.plain_step) when the model's step has
     them (format 2) and the cut applies; None otherwise (the engine then runs `data` as it is)."""
     return plain_step_graph(data) if model.controls else None
 
@@ -117,7 +117,7 @@ class SessionEngine(Engine):
     """ONNX Runtime decoding on the host over two sessions: numpy in, numpy out.
 
     `decoder` runs the default path. With `controlled` (a runner) or `open_controlled` (a zero-argument
-    callable that opens it on first use), `decoder` is the plain step graph (captrt.runtime.plain_step:
+    callable that opens it on first use), `decoder` is the plain step graph (captrt.runtime.engines.plain_step:
     no processing nodes) and the controlled one the model's format-2 step graph, run only for steps
     with decoding controls or logp; without either, `decoder` is the model's step graph itself (format
     1, or format 2 fed neutral controls).

@@ -6,7 +6,7 @@
 Both files are listed with their sha256 in captrt.json under "parity_set"; reading checks the hashes
 on the very bytes it parses (no check-then-open race) and refuses anything else, like a graph.
 The fp32 captions are what the exporter's fp32 graphs produced with the runtime's batched search:
-a variant is judged against them (captrt.runtime.verify).
+a variant is judged against them (captrt.runtime.verification.verify).
 """
 
 from __future__ import annotations

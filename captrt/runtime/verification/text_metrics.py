@@ -1,6 +1,6 @@
 """Corpus BLEU-4 and CIDEr-D in plain Python: the quality budget is judged where the model runs.
 
-The runtime verifies a precision on the machine at hand (captrt.runtime.verify) without nltk or
+The runtime verifies a precision on the machine at hand (captrt.runtime.verification.verify) without nltk or
 pycocoevalcap, so both metrics are written here from their definitions:
 
 - BLEU-4 (Papineni et al. 2002), corpus level: clipped n-gram matches summed over the corpus for

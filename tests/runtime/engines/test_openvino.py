@@ -142,7 +142,7 @@ def test_bf16_is_verified_against_the_budget(demo_sized_export, tmp_path):
     when within budget, refused (loadable only with allow_unverified) when not. The demo-sized model has
     random weights, whose captions bf16 may change beyond the budget (seen on an AVX-512 EPYC with
     avx512_bf16: 39/50 identical): which verdict comes depends on the CPU; both are checked."""
-    from captrt.runtime.verify import verify_model
+    from captrt.runtime.verification.verify import verify_model
 
     model_dir = tmp_path / "model"
     shutil.copytree(demo_sized_export[0], model_dir, ignore=shutil.ignore_patterns("cache"))

@@ -194,7 +194,7 @@ def key_digest(key: dict[str, Any]) -> str:
 def record(report: QualityReport, key: dict[str, Any], digest: str, source: str,
            speed: dict[str, Any] | None = None) -> dict[str, Any]:
     """A stored verification: the report, the key it holds for, where it was measured, and (when measured)
-    its speed against fp32 on this machine (captrt.runtime.speed: what precision="auto" ranks by)."""
+    its speed against fp32 on this machine (captrt.runtime.verification.speed: what precision="auto" ranks by)."""
     entry = {"engine": key.get("engine"), "precision": key.get("precision"), "source": source,
              "key": key, "key_sha256": digest, "report": report.to_dict()}
     if speed is not None:
@@ -341,12 +341,12 @@ def verify_model(model_dir: Any, engine: str = "ort", device: str | None = None,
     """Measure an engine and precision on MODEL_DIR's parity set on this machine, now (never from a cache).
 
     Returns (report, facts): facts name the model, the engine's numerics, its speed against the same
-    engine in fp32 (speed=True, for precisions that need verification: captrt.runtime.speed) and where
+    engine in fp32 (speed=True, for precisions that need verification: captrt.runtime.verification.speed) and where
     the result was cached (save=True, only for precisions that need verification), so the next load,
     and precision="auto", reuse it. Raises ModelDirError (bad directory, no parity set), ValueError,
     EngineUnavailableError.
     """
-    from captrt.runtime.speed import speed_against_fp32
+    from captrt.runtime.verification.speed import speed_against_fp32
 
     from captrt.runtime.engines import create_engine
     from captrt.runtime.errors import ModelDirError

@@ -1,4 +1,4 @@
-"""The default path's plain step graph (captrt.runtime.plain_step): cut from the format-2 step at load, it gives
+"""The default path's plain step graph (captrt.runtime.engines.plain_step): cut from the format-2 step at load, it gives
 the captions, scores and attention of the format-2 graph fed neutral controls, bit for bit, on ONNX Runtime and
 OpenVINO, at beams 1/3/5 and batches 1/8; a step with any option still runs the format-2 graph."""
 
@@ -13,7 +13,7 @@ from captrt.runtime.decoding.beam import beam_search
 from captrt.runtime.engines import create_engine
 from captrt.runtime.engines.ort import SessionEngine, cpu_session, session_options
 from captrt.runtime.model_dir import DECODER_OUTPUTS, DECODER_STATE_INPUTS, ModelDir
-from captrt.runtime.plain_step import plain_step_graph
+from captrt.runtime.engines.plain_step import plain_step_graph
 from tests.conftest import random_images
 
 IMAGES = random_images(8, seed=21)
