@@ -50,10 +50,8 @@ def int_or_auto(name: str, value: Any, *, text: bool = False, error: type[Except
         return AUTO
     number = value
     if text and isinstance(value, str):
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
+        digits = value.strip()  # ASCII digits only: int() would take '٣' or '1_0'
+        number = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else None
     if not is_int(number) or number < 1:
         raise _refuse(name, value, f"a positive integer or {AUTO!r}", error, False)
     return int(number)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from captrt.checks import check_int
 from captrt.runtime.engines.base import DEVICES, ENGINES, PRECISIONS, DecodeState, Engine, StepOutput
 from captrt.runtime.errors import EngineUnavailableError
 from captrt.runtime.model_dir import ENGINE_PRECISIONS
@@ -45,8 +46,7 @@ def create_engine(name: str, model: "ModelDir", *, device: str = "cpu", precisio
     if engines is not None and name not in engines:
         raise ValueError(f"precision {precision!r} is an engine precision of engine {' / '.join(map(repr, engines))} "
                          f"(it runs the fp32 graphs in {precision}), not of engine {name!r}: use --engine {engines[0]}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+    check_int("threads", threads, allow_none=True, expected=True, what="a positive integer or None")
     module_name, cls_name = _REGISTRY[name]
     try:
         module = importlib.import_module(module_name)

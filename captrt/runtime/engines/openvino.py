@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from captrt.runtime.engines.ort import (SessionEngine, _Closed, cpu_session, plain_step_bytes, session_io,
+from captrt.checks import check_int
+from captrt.runtime.engines.ort import (SessionEngine, ClosedEngine, cpu_session, plain_step_bytes, session_io,
                                        session_options)
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import PLAIN_STEP
@@ -191,8 +192,7 @@ class OpenVinoEngine(SessionEngine):
         self.variant = "+".join(dict.fromkeys(self.variants.values()))
         self.placement, self.fallbacks = placement, {}  # fallbacks: graph -> why OpenVINO could not run it
         self.threads = threads
-        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams: expected a positive integer, got {streams!r}")
+        check_int("streams", streams, expected=True)
         self.streams = streams  # NUM_STREAMS: concurrent infer requests of one compiled model, T threads each
         # explicit: the plugin's default takes every core; with S streams the plugin splits S x T among them
         self.num_threads = streams * threads if threads else os.cpu_count() or 1
@@ -310,7 +310,7 @@ class OpenVinoEngine(SessionEngine):
                 "cache_dir": None if self.cache_dir is None else str(self.cache_dir)}
 
     def close(self) -> None:
-        self.encoder = self.decoder = self._controlled = _Closed()  # type: ignore[assignment]
+        self.encoder = self.decoder = self._controlled = ClosedEngine()  # type: ignore[assignment]
         self._core = None
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import onnxruntime as ort
 
+from captrt.checks import check_int
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.model_dir import CONTROL_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS, LOGP_OUTPUT, PLAIN_STEP
@@ -108,7 +109,9 @@ def plain_step_bytes(model: "ModelDir", data: bytes) -> bytes | None:
     return plain_step_graph(data) if model.controls else None
 
 
-class _Closed:
+class ClosedEngine:
+    """Stands in for a closed engine's sessions: any later use says the engine was closed (not a None error)."""
+
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError("this Captioner/engine was closed")
 
@@ -242,8 +245,7 @@ class OrtEngine(SessionEngine):
         self.variant = variant  # the graphs actually loaded
         so = session_options(threads, log_level)
         for name, value in (("max_batch", max_batch), ("opt_batch", opt_batch), ("opt_beam", opt_beam)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, value, expected=True)
         self.cuda_setup = None
         if kind != "cpu":  # pip's CUDA/cuDNN libraries loaded before ONNX Runtime looks for them
             from captrt.runtime.engines.cuda_setup import prepare
@@ -355,7 +357,7 @@ class OrtEngine(SessionEngine):
 
     def close(self) -> None:
         # Drop the sessions (their memory goes with them); calls after close fail with a clear message.
-        self.encoder = self.decoder = self._cuda = self._controlled = _Closed()  # type: ignore[assignment]
+        self.encoder = self.decoder = self._cuda = self._controlled = ClosedEngine()  # type: ignore[assignment]
 
     def describe(self) -> dict[str, Any]:
         facts = {**super().describe(), "providers": self.kind, "io_binding": self._cuda is not None,

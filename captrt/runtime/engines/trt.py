@@ -31,6 +31,7 @@ from captrt.runtime.engines import trt_build as tb
 from captrt.runtime.engines.trt_shapes import (REWRITTEN, SIDES, Shape, check_engine_io, profiles_for_model,
                                                workspace_buffers)
 from captrt.runtime.engines.base import DecodeState, Engine, StepControls, StepOutput
+from captrt.checks import check_int
 from captrt.runtime.errors import EngineUnavailableError, ModelDirError
 from captrt.runtime.signing import SignedCache, local_secret
 from captrt.runtime.model_dir import ModelDir
@@ -65,10 +66,9 @@ def compaction_copies(rows: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def _positive(options: dict[str, Any], name: str, allow_none: bool = False) -> Any:
-    value, low = options[name], 0 if name == "device_id" else 1
-    if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        return value
-    raise ValueError(f"{name}: expected an integer >= {low}{' or None' if allow_none else ''}, got {value!r}")
+    low = 0 if name == "device_id" else 1
+    return check_int(name, options[name], low=low, allow_none=allow_none, expected=True,
+                     what=f"an integer >= {low}{' or None' if allow_none else ''}")
 
 
 # ---------------------------------------------------------------- device objects

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from captrt.checks import check_int
 from captrt.runtime import graph_contract
 from captrt.runtime.errors import ModelDirError
 
@@ -29,8 +30,7 @@ def dim_ranges(*, max_batch: int, max_beam: int, opt_batch: int | None = None,
     The control id lists (format version 2) run from 1 to MAX_CONTROL_IDS, optimized for 1 (the default path's
     padding). opt_batch defaults to min(8, max_batch), opt_beam to min(5, max_beam) (the usual beam width)."""
     for name, value in (("max_beam", max_beam), ("max_batch", max_batch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        check_int(name, value, expected=True)
     ob = min(8, max_batch) if opt_batch is None else opt_batch
     ok = min(5, max_beam) if opt_beam is None else opt_beam
     if not isinstance(ob, int) or not 1 <= ob <= max_batch:
@@ -48,8 +48,7 @@ def graph_profiles(sizes: Mapping[str, int], ranges: Mapping[str, tuple[int, int
     """One optimization profile per graph: every input of the contract (format `version`), its fixed dimensions
     from `sizes` (graph_contract.sizes) and its dynamic ones over `ranges` (dim_ranges)."""
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        check_int(name, value, expected=True)
     at = [{**sizes, **{dim: r[i] for dim, r in ranges.items()}} for i in range(3)]  # min, opt, max
     return {name: {t.name: (t.resolve(at[0]), t.resolve(at[1]), t.resolve(at[2]))
                    for t in graph_contract.graph(name, version).inputs} for name in graph_contract.GRAPHS}
