@@ -152,12 +152,9 @@ def _why(serve: Any, exc: Exception) -> str:
 
 
 def _configure_logging(level: str) -> None:
-    logger = logging.getLogger("captrt.serve")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
+    from captrt.serve.server import configure_logging
+
+    configure_logging(level)
     # Serve's own INFO lines ("connecting to existing Serve app ...") say nothing to a `captrt serve` user.
     logging.getLogger("ray.serve").setLevel(logging.DEBUG if level.lower() in ("debug", "trace") else logging.WARNING)
 

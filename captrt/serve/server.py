@@ -35,7 +35,7 @@ def serve(config: ServeConfig) -> int:
     model = ModelDir.load(config.model)
     if config.precision != "auto":  # auto chooses among what the directory has, at load
         model.require_precision(config.precision)
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level)
     failure: list[str] = []
     server: Any = None
 
@@ -90,7 +90,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
+    """captrt.serve's log lines on stderr at `level` (once per process)."""
     logger = logging.getLogger("captrt.serve")
     if not logger.handlers:
         handler = logging.StreamHandler()
