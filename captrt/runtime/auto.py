@@ -60,6 +60,10 @@ def engine_precisions(model: "ModelDir", engine: str) -> list[str]:
             except ModelDirError:
                 continue
             out.append(precision)
+    if engine == "openvino":  # its CPU plugin takes no fp16 graphs
+        from captrt.runtime.engines.openvino import SUPPORTED
+
+        out = [p for p in out if p in SUPPORTED]
     return out
 
 
