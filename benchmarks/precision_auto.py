@@ -21,9 +21,9 @@ shares its files. Per model:
     the same with plain_step=False (the format-2 graph with neutral controls, as before), and a
     format-1 copy (benchmarks/decoding.py's) of the same weights; ORT and OpenVINO (both graphs in
     OpenVINO), batch 1 and 4, real decoding up to the model's max_steps, turns rep by rep, captions compared.
-(c) with --baseline (a checkout of captrt before these changes): the export's int8 search time on the
-    demo model, the baseline's code and this one's taking turns, each in a fresh process, same
-    checkpoint, same calibration and tuning images.
+(c) with --baseline (a checkout of captrt before these changes): the export's int8 search time on
+    --search-checkpoint (default: the demo model) with its --search-calib dataset, the baseline's code
+    and this one's taking turns, each in a fresh process, same calibration and tuning images.
 The section goes between `<!-- auto:begin -->` and `<!-- auto:end -->` in RESULTS.md.
 """
 
@@ -217,8 +217,9 @@ def default_path(model: Path, images, batches: list[int], reps: int) -> list[dic
 
 
 # -- (c) the int8 search time, before and after ----------------------------------------------------------
-def search_once(work: Path) -> dict[str, float]:
-    """In a fresh process: export the demo checkpoint with the int8 search; the search's and the export's seconds."""
+def search_once(work: Path, checkpoint: Path, calib: Path | None) -> dict[str, float]:
+    """In a fresh process: export `checkpoint` with the int8 search (calibration and tuning images from the
+    `calib` dataset, else synthetic scenes); the search's and the export's seconds."""
     import inspect
     import time
 
@@ -235,22 +236,25 @@ def search_once(work: Path) -> dict[str, float]:
             spent.append(time.perf_counter() - t0)
 
     exporter.search_int8_variant = timed
-    exporter.TUNE_COUNT = 32  # the baseline reads it at call time; this code takes tune_count
-    extra = {"tune_count": 32} if "tune_count" in inspect.signature(exporter.export_model).parameters else {}
+    data = {"calib_json": str(calib), "calib_images": str(calib.parent)} if calib else {}
     t0 = time.perf_counter()
-    exporter.export_model(work / "demo" / "model.pt", work / "search-out", int8=True, parity_count=8, calib_count=16,
-                          overwrite=True, progress=False, force=True, **extra)
-    return {"search_s": round(spent[0], 1), "export_s": round(time.perf_counter() - t0, 1)}
+    manifest = exporter.export_model(checkpoint, work / "search-out", int8=True, parity_count=8, overwrite=True,
+                                     progress=False, force=True, **data)
+    search = manifest["parity"]["int8"].get("search", {})
+    return {"search_s": round(spent[0], 1), "export_s": round(time.perf_counter() - t0, 1),
+            "judged": len(search.get("trials", [])), "chosen": search.get("chosen", search.get("calibration"))}
 
 
-def search_times(work: Path, baseline: Path, rounds: int) -> dict[str, list[dict[str, float]]]:
+def search_times(work: Path, baseline: Path, rounds: int, checkpoint: Path,
+                 calib: Path | None) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list] = {"before": [], "after": []}
     for r in range(rounds):
         for name, root in (("before", baseline), ("after", HERE.parent)) if r % 2 == 0 else \
                 (("after", HERE.parent), ("before", baseline)):
             env = {**os.environ, "PYTHONPATH": str(root)}
-            res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--search-once", "--work", str(work)],
-                                 env=env, capture_output=True, text=True, check=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--search-once", "--work", str(work),
+                   "--search-checkpoint", str(checkpoint)] + (["--search-calib", str(calib)] if calib else [])
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             out[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
             log(f"int8 search {name}: {out[name][-1]}")
     return out
@@ -308,11 +312,13 @@ def section(report: dict[str, Any]) -> str:
     if report.get("search"):
         s = report["search"]
         med = {k: statistics.median(x["search_s"] for x in v) for k, v in s.items()}
-        lines += ["### The export's int8 search time (demo model, 16 calibration + 32 tuning images)", "",
-                  "| code | search s (each run) | median | export s (each run) |", "|---|---|---|---|"]
+        lines += [f"### The export's int8 search time ({report['search_model']})", "",
+                  "| code | search s (each run) | median | export s (each run) | judge calls | chosen |",
+                  "|---|---|---|---|---|---|"]
         for k in ("before", "after"):
             lines.append(f"| {k} | {', '.join(str(x['search_s']) for x in s[k])} | {med[k]:.1f} | "
-                         f"{', '.join(str(x['export_s']) for x in s[k])} |")
+                         f"{', '.join(str(x['export_s']) for x in s[k])} | {s[k][-1].get('judged')} | "
+                         f"{s[k][-1].get('chosen')} |")
         lines += ["", f"after / before: {med['after'] / med['before']:.2f}x (target <= 1.10x)", ""]
     lines.append(AUTO_END)
     return "\n".join(lines)
@@ -328,13 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--baseline", type=Path, default=None, help="(c): a checkout of captrt before these changes")
     ap.add_argument("--search-rounds", type=int, default=1)
+    ap.add_argument("--search-checkpoint", type=Path, default=None, help="(c): the checkpoint (default: the demo one)")
+    ap.add_argument("--search-calib", type=Path, default=None, help="(c): its Karpathy JSON (images beside it)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "captrt" / "bench-precision-auto")
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--search-once", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.search_once:
-        print(json.dumps(search_once(args.work)))
+        print(json.dumps(search_once(args.work, args.search_checkpoint, args.search_calib)))
         return 0
     from captrt.bench.images import load_images
     from captrt.bench.machine import load_average, machine_info, usable_cores
@@ -363,9 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         res["default_path"] = default_path(model, images[:4], batches, args.reps)
         report["models"][kind] = res
     if args.baseline is not None:
-        if "demo" not in report["models"]:
+        checkpoint = args.search_checkpoint
+        if checkpoint is None:
             model_dirs("demo", args.work, args.parity)
-        report["search"] = search_times(args.work, args.baseline, args.search_rounds)
+            checkpoint = args.work / "demo" / "model.pt"
+        report["search_model"] = f"{checkpoint}" + (f", calibration/tuning from {args.search_calib}"
+                                                    if args.search_calib else ", synthetic calibration/tuning scenes")
+        report["search"] = search_times(args.work, args.baseline, args.search_rounds, checkpoint, args.search_calib)
+        commits = {k: subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() or "?" for k, root in
+                   (("before", args.baseline), ("after", HERE.parent))}
+        report["search_model"] += f"; code before: {commits['before']}, after: {commits['after']} (+ uncommitted)"
     report["machine"]["load_average_end"] = load_average()
     (args.work / "report.json").write_text(json.dumps(report, indent=1, default=str))
     text = section(report)

@@ -243,12 +243,12 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
             except ValueError as exc:  # e.g. weights beyond fp16's range
                 raise ExportError(f"fp16 variant: {exc}") from None
         variants["fp16"] = (enc16, dec16, FP16, FP16)
-    search_report = None
+    search_report = search = None
     if int8 and tune_set is not None:
         with log.step(f"int8: accuracy-aware search on {len(calib_set)} calibration, {len(tune_set)} tuning images"):
-            enc8, dec8, search_report = search_int8_variant(enc, dec, calib_set, tune_set, vocab, checker.beam,
-                                                            budget, log, **(search_options or {}))
-        variants["int8"] = (enc8, dec8, f"{INT8_ENCODER}; {describe_mix(search_report)}", INT8_DECODER)
+            search = search_int8_variant(enc, dec, calib_set, tune_set, vocab, checker.beam, budget, log,
+                                         **(search_options or {}))
+        variants["int8"] = (search.encoder, search.decoder, INT8_ENCODER, INT8_DECODER)
     elif int8:
         with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
                 log.bar(len(calib_set), "calibration") as tick:
@@ -259,22 +259,40 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
 
     judged: dict[str, tuple[QualityReport, dict]] = {}  # precision -> (quality, engine numerics)
     refused: dict[str, dict] = {}
-    for precision, (e, d, note_e, note_d) in variants.items():
+    def judge(precision: str, e, d) -> tuple[dict, QualityReport | None, dict | None]:
         check_contract(e, d, cfg, max_beam)
         report, tokens, numerics = checker.run(precision, e, d, strict=False)
-        if report["measured"]:
-            quality = judge_tokens(tokens, fp32_tokens, parity_set.captions, vocab.decode, budget=budget,
-                                   names=parity_set.names, seconds=report["seconds"])
-            report["quality"], report["passed"] = quality.to_dict(), quality.passed
-            log.say(f"{precision} quality: {quality.describe()}")
+        if not report["measured"]:
+            return report, None, None
+        quality = judge_tokens(tokens, fp32_tokens, parity_set.captions, vocab.decode, budget=budget,
+                               names=parity_set.names, seconds=report["seconds"])
+        report["quality"], report["passed"] = quality.to_dict(), quality.passed
+        log.say(f"{precision} quality: {quality.describe()}")
+        return report, quality, numerics
+
+    for precision, (e, d, note_e, note_d) in variants.items():
+        report, quality, numerics = judge(precision, e, d)
+        while precision == "int8" and search is not None and quality is not None and not force:
+            search.note_parity(quality.summary())
+            if quality.passed or not search.fallbacks:
+                break
+            # The fastest candidate met the budget on the tuning images but not on the parity set: the next
+            # fastest useful one is judged in turn.
+            log.say(f"int8: {search.chosen} misses the budget on the parity set; trying {search.fallbacks[0]}")
+            search.select(search.fallbacks[0])
+            e, d = search.encoder, search.decoder
+            report, quality, numerics = judge(precision, e, d)
+        if quality is not None:
             judged[precision] = (quality, numerics)
         if precision == "int8":
             report["calibration"] = {"images": len(calib_set), "source": calib_set.source}
-            if search_report is not None:
-                report["search"] = search_report
+            if search is not None:
+                search_report = report["search"] = search.to_report()
+                note_e = f"{INT8_ENCODER}; {describe_mix(search_report)}"
         parity[precision] = report
         if report["passed"] is False and not force:
-            refused[precision] = {"reason": quality.describe(), "quality": quality.summary()}
+            tried = f"; int8 candidates: {describe_candidates(search_report)}" if precision == "int8" and search else ""
+            refused[precision] = {"reason": quality.describe() + tried, "quality": quality.summary()}
             continue  # not written: a variant below budget would serve worse captions than it claims
         if precision == "int8" and search_report is not None and not search_report["useful"] and not force:
             # Within budget only with so much in fp32 that it is not faster: say so instead of shipping a slow "int8".

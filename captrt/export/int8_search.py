@@ -14,9 +14,11 @@ qdq_loss_debug):
 3. the candidates are the step alone (fp32 encoder, int8 step; when it passed) and every encoder mix
    that passed (each with the step chosen in 0). Their end-to-end speed at batch 1 is measured the same
    way in one interleaved run against fp32 (int8_speed: encoder at batch 1 + a real caption's steps),
-   and the result is the fastest candidate that is at least `min_speedup` faster than fp32. When none
-   is, the result says so (`useful` False) and names the layers at fault, rather than shipping a slow
-   "int8". The report lists every candidate tried, with its quality and, when it passed, its speed.
+   and the result is the fastest candidate that is at least `min_speedup` faster than fp32 (the
+   exporter judges it on the parity set and falls back to the next fastest, Int8Result.fallbacks,
+   when it misses the budget there). When none is, the result says so (`useful` False) and names the
+   layers at fault, rather than shipping a slow "int8". The report lists every candidate tried, with
+   its quality and, when it passed, its speed.
 
 Judge calls (a beam search over the tuning images) dominate the cost: at most len(CALIBRATIONS) +
 2 * log2(layers) + 2; the speed measurement adds a few seconds per passing candidate.
@@ -86,6 +88,38 @@ class Int8Result:
     encoder_int8: bool = True  # False: the chosen candidate is the step alone, with the fp32 encoder
     chosen: str = "encoder mix"
     candidates: list[dict] = field(default_factory=list)  # every candidate: quality, speed, useful, chosen
+    timed_steps: int | None = None  # decoder steps per timed run
+    # candidates within budget: name -> (encoder, decoder_step, (calibration, fp32 nodes) of a mix or None)
+    within: dict[str, tuple[onnx.ModelProto, onnx.ModelProto, tuple[str, list[str]] | None]] = \
+        field(default_factory=dict, repr=False)
+    source: onnx.ModelProto | None = field(default=None, repr=False)  # the fp32 encoder (names its layers)
+
+    def select(self, name: str) -> None:
+        """Make candidate `name` (one within budget) the result: its graphs, speed and encoder layers."""
+        enc, dec, mix = self.within[name]
+        for c in self.candidates:
+            c.pop("chosen", None)
+            if c["name"] == name:
+                c["chosen"] = True
+                self.speedup, self.timings_ms = c.get("speedup"), dict(c.get("timings_ms") or {})
+        self.chosen, self.passed, self.encoder, self.decoder = name, True, enc, dec
+        self.encoder_int8 = mix is not None
+        self.decoder_int8 = any(n.op_type == "MatMulInteger" for n in dec.graph.node)
+        if mix is not None:
+            self.calibration, self.fp32_nodes = mix[0], list(mix[1])
+            self.fp32_layers = [layer_label(self.source, n) for n in mix[1]] if self.source is not None else []
+            self.int8_layers = len(self.ranking) - len(mix[1]) if self.ranking else None
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The other useful candidates, fastest first, that the parity set has not judged yet: what the exporter
+        tries when the chosen one meets the budget on the tuning images but not on the parity set."""
+        return [c["name"] for c in sorted(self.candidates, key=lambda c: -(c.get("speedup") or 0.0))
+                if c.get("useful") and c["name"] != self.chosen and c["name"] in self.within and "parity" not in c]
+
+    def note_parity(self, quality: dict[str, Any]) -> None:
+        """Record the parity set's verdict on the chosen candidate (the exporter's, beside the tuning one)."""
+        next(c for c in self.candidates if c["name"] == self.chosen)["parity"] = quality
 
     @property
     def useful(self) -> bool:
@@ -107,7 +141,8 @@ class Int8Result:
                 "int8_layers": self.int8_layers,
                 "passed": self.passed, "quality": final, "speedup": self.speedup, "min_speedup": self.min_speedup,
                 "useful": self.useful, "timings_ms": dict(self.timings_ms), "at_fault": list(self.at_fault),
-                "candidates": [dict(c) for c in self.candidates], "trials": [dict(t) for t in self.trials],
+                "candidates": [dict(c) for c in self.candidates], "timed_steps": self.timed_steps,
+                "trials": [dict(t) for t in self.trials],
                 "most_harmful": [{"layer": name, "harm": float(f"{harm:.3g}")} for name, harm in self.ranking[:10]]}
 
 
@@ -205,22 +240,12 @@ def search_int8(encoder: onnx.ModelProto, decoder: onnx.ModelProto, calib_images
             described[name].update(timings_ms={"fp32": round(timings["fp32"], 2), "int8": round(timings[name], 2)},
                                    speedup=round(timings["fp32"] / timings[name], 3))
             described[name]["useful"] = described[name]["speedup"] >= min_speedup
+    result.candidates, result.timed_steps, result.source = list(described.values()), steps, encoder
+    result.within = {name: (*configs[name], (mixes[name][0], mixes[name][1]) if name in mixes else None)
+                     for name in configs}
     pick = _pick(described, configs, min_speedup)
     if pick is not None:
-        described[pick]["chosen"] = True
-        result.chosen = pick
-        result.passed = True
-        if pick == STEP_ONLY:
-            result.encoder, result.decoder, result.encoder_int8, result.decoder_int8 = encoder, step_dec8, False, True
-        else:
-            cal, nodes, graph = mixes[pick]
-            result.encoder, result.calibration, result.fp32_nodes = graph, cal, list(nodes)
-            result.fp32_layers = [layer_label(encoder, n) for n in nodes]
-            result.int8_layers = len(ranking) - len(nodes) if ranking else None
-        if pick in timings:
-            result.speedup = described[pick]["speedup"]
-            result.timings_ms = dict(described[pick]["timings_ms"])
-    result.candidates = list(described.values())
+        result.select(pick)
     if not result.useful and (not result.passed or result.speedup is not None):
         # Give up honestly: name the layers that cost quality (the ranking) or, when the ranking never
         # ran, the ones kept in fp32.

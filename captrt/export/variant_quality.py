@@ -27,9 +27,10 @@ TUNE_MARGIN = 0.5
 
 def search_int8_variant(enc: onnx.ModelProto, dec: onnx.ModelProto, calib_set, tune_set, vocab: Vocab, beam: int,
                         budget: float, log: Progress, *, min_speedup: float = 1.1,
-                        max_fp32_layers: int | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+                        max_fp32_layers: int | None = None):
     """captrt.export.int8_search over the tuning images, judged exactly as the parity set will be; candidates
-    are timed over as many decoder steps as the fp32 captions of the tuning images take (their mean + <end>)."""
+    are timed over as many decoder steps as the fp32 captions of the tuning images take (their mean + <end>).
+    Returns its Int8Result."""
     from captrt.export.int8_search import caption_tokens, search_int8
 
     def captions(e: onnx.ModelProto, d: onnx.ModelProto) -> list[list[int]]:
@@ -43,11 +44,8 @@ def search_int8_variant(enc: onnx.ModelProto, dec: onnx.ModelProto, calib_set, t
     def judge(e8: onnx.ModelProto, d8: onnx.ModelProto) -> QualityReport:
         return judge_tokens(captions(e8, d8), fp32_tokens, tune_set.captions, vocab.decode, budget=target)
 
-    result = search_int8(enc, dec, calib_set.images, judge, log=log.say, steps=steps, min_speedup=min_speedup,
-                         max_fp32_nodes=max_fp32_layers)
-    report = result.to_report()
-    report["timed_steps"] = steps
-    return result.encoder, result.decoder, report
+    return search_int8(enc, dec, calib_set.images, judge, log=log.say, steps=steps, min_speedup=min_speedup,
+                       max_fp32_nodes=max_fp32_layers)
 
 
 def describe_mix(search: dict) -> str:
@@ -66,11 +64,18 @@ def describe_candidates(search: dict) -> str:
     parts = []
     for c in search.get("candidates") or []:
         q = c.get("quality") or {}
-        quality = ", ".join(f"{k.split('_')[0]} {q[k]}%" for k in ("bleu4_pct_of_fp32", "cider_pct_of_fp32", "identical_pct")
-                            if q.get(k) is not None)
         speed = f"{c['speedup']:.2f}x fp32" if c.get("speedup") else c.get("speed", "speed not measured")
-        parts.append(f"{c['name']}: {'passed' if c.get('passed') else 'failed'} ({quality}), {speed}")
+        on_parity = c.get("parity")
+        verdict = "" if on_parity is None else \
+            f", on the parity set {'passed' if on_parity.get('passed') else 'failed'} ({_quality_text(on_parity)})"
+        parts.append(f"{c['name']}: {'passed' if c.get('passed') else 'failed'} on the tuning images "
+                     f"({_quality_text(q)}), {speed}{verdict}")
     return "; ".join(parts)
+
+
+def _quality_text(q: dict) -> str:
+    return ", ".join(f"{k.split('_')[0]} {q[k]}%" for k in ("bleu4_pct_of_fp32", "cider_pct_of_fp32", "identical_pct")
+                     if q.get(k) is not None)
 
 
 def time_variants(tmp: Path, manifest: dict, log: Progress) -> dict:

@@ -9,7 +9,7 @@ versions as installed here, same model files. Each precision of the engine is th
   here against the same engine's fp32 (captrt.runtime.verification.speed, recorded by the export or `captrt verify`);
 - otherwise not chosen, with the reason: refused at export, missed the budget, verified but never
   timed here, or not verified on this machine.
-Candidates are tried fastest first, if faster than fp32: the engine is built and its verification
+Candidates are tried fastest first, if at least MIN_GAIN faster than fp32: the engine is built and its verification
 looked up by its exact key (never measured now, never loaded unverified); the first that holds wins,
 else fp32. The choice and the table behind it go to Captioner.info()["precision_choice"].
 """
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from captrt.runtime.model_dir import ModelDir
 
 AUTO = "auto"
+# A precision must be this much faster than fp32 to be worth its rounding: below it, a speed measured on a
+# busy machine is within noise, and fp32's captions are exact.
+MIN_GAIN = 1.05
 log = logging.getLogger("captrt.auto")
 
 
@@ -60,6 +63,10 @@ def engine_precisions(model: "ModelDir", engine: str) -> list[str]:
             except ModelDirError:
                 continue
             out.append(precision)
+    if engine == "openvino":  # its CPU plugin takes no fp16 graphs
+        from captrt.runtime.engines.openvino import SUPPORTED
+
+        out = [p for p in out if p in SUPPORTED]
     return out
 
 
@@ -103,7 +110,7 @@ def survey(model: "ModelDir", engine: str, device: str, budget: float | None = N
             entry.update(status="verified", speedup=float(r["speed"]["speedup"]),
                          ms_per_image=r["speed"].get("ms_per_image"), source=r.get("source"), quality=q.summary())
             entry["why"] = (f"verified here ({r.get('source')}), {entry['speedup']:.2f}x fp32 at batch 1"
-                            + ("" if entry["speedup"] > 1.0 else ": not faster than fp32"))
+                            + ("" if entry["speedup"] >= MIN_GAIN else f": not {MIN_GAIN}x faster than fp32"))
         elif passed:
             q, r = passed[-1]
             entry.update(status="untimed", source=r.get("source"), quality=q.summary(),
@@ -125,14 +132,14 @@ def survey(model: "ModelDir", engine: str, device: str, budget: float | None = N
 def choose(model: "ModelDir", engine: str, device: str, budget: float | None = None) -> PrecisionChoice:
     """The ranking alone (no engine built): the fastest verified candidate faster than fp32, else fp32."""
     table = survey(model, engine, device, budget)
-    faster = sorted((c for c in table if c["status"] == "verified" and c["speedup"] > 1.0),
+    faster = sorted((c for c in table if c["status"] == "verified" and c["speedup"] >= MIN_GAIN),
                     key=lambda c: -c["speedup"])
     if faster:
         best = faster[0]
         return PrecisionChoice(best["precision"], f"the fastest precision verified for {engine} on this machine: "
                                                   f"{best['speedup']:.2f}x fp32 at batch 1", table)
-    return PrecisionChoice("fp32", f"no precision faster than fp32 is verified and timed for {engine} on this "
-                                   "machine", table)
+    return PrecisionChoice("fp32", f"no precision {MIN_GAIN}x faster than fp32 is verified and timed for {engine} "
+                                   "on this machine", table)
 
 
 def load_auto(model: "ModelDir", engine: str, *, device: str, threads: int | None, budget: float | None,
@@ -142,7 +149,7 @@ def load_auto(model: "ModelDir", engine: str, *, device: str, threads: int | Non
     from captrt.runtime.engines import create_engine
 
     choice = choose(model, engine, device, budget)
-    ranked = sorted((c for c in choice.candidates if c["status"] == "verified" and c["speedup"] > 1.0),
+    ranked = sorted((c for c in choice.candidates if c["status"] == "verified" and c["speedup"] >= MIN_GAIN),
                     key=lambda c: -c["speedup"])
     for candidate in ranked:
         precision = candidate["precision"]

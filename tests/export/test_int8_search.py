@@ -156,6 +156,13 @@ def test_the_int8_step_alone_ships_when_it_is_the_fastest_candidate(plain, image
     for c in by_name.values():  # every candidate with its quality and its speed, measured the same way
         assert c["passed"] and c["quality"]["passed"] and c["timings_ms"]["fp32"] == 100.0 and c["useful"]
     assert by_name[STEP_ONLY]["chosen"] and not by_name["minmax, full int8"].get("chosen")
+    # the exporter's fallback when the parity set disagrees with the tuning images: the next fastest, once
+    assert result.fallbacks == ["minmax, full int8"]
+    result.note_parity({"passed": False})
+    result.select(result.fallbacks[0])
+    assert result.chosen == "minmax, full int8" and result.encoder_int8 and result.encoder is not enc
+    assert result.speedup == pytest.approx(100 / 80, abs=1e-3) and result.fallbacks == []
+    assert [c.get("chosen", False) for c in result.to_report()["candidates"]] == [False, True]
 
 
 def test_a_faster_encoder_mix_ships_and_a_slow_field_is_refused(plain, images):

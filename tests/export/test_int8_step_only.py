@@ -185,7 +185,7 @@ def test_auto_is_fp32_when_nothing_faster_is_verified_here(copy, monkeypatch):
     with Captioner.load(copy, precision="auto") as cap:
         assert cap.engine.precision == "fp32" and cap.info()["verification"]["status"] == "exact"
         assert _statuses(cap.precision_choice) == {"fp32": "baseline", "fp16": "unverified", "int8": "unverified"}
-        assert "no precision faster than fp32" in cap.precision_choice.reason
+        assert "faster than fp32 is verified" in cap.precision_choice.reason
 
 
 def test_auto_skips_a_record_whose_exact_key_does_not_hold(copy):

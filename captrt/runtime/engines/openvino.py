@@ -73,6 +73,7 @@ DEFAULT_PLACEMENT: dict[str, dict[str, str]] = {
 _VARIANTS = {"fp32": {"encoder": "fp32", "decoder_step": "fp32"}, "bf16": {"encoder": "fp32", "decoder_step": "fp32"},
              "int8": {"encoder": "int8", "decoder_step": "int8"},
              "bf16-int8": {"encoder": "fp32", "decoder_step": "int8"}}
+SUPPORTED = tuple(_VARIANTS)  # the precisions this engine runs
 # precision -> graph -> INFERENCE_PRECISION_HINT. int8 asks for f32 too: the non-quantized ops then compute as
 # in ONNX Runtime on every CPU (the plugin's default on AMX CPUs would run them in bf16, i.e. different numbers
 # on different machines).
