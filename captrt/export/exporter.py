@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
@@ -19,8 +18,8 @@ from captrt.export.manifest import (GRAPH_FILES, MANIFEST, MAX_STEPS, build_mani
                                     write_json)
 from captrt.export.onnx_export import export_graph, graph_io, save_onnx
 from captrt.export.ops import TENSORRT_MAX_OPSET, TOPK_MAX_K, tensorrt_problems
-from captrt.export.parity import (Timer, caption_parity, make_session, not_measured, numeric_parity, parity_report,
-                                  search_engine, torch_threads)
+from captrt.export.parity import Timer
+from captrt.export.parity_gate import ParityChecker, parity_failure, reference_captions
 from captrt.export.progress import Progress
 from captrt.export.quantize import quantize_decoder, quantize_encoder
 from captrt.export.variant_quality import (describe_candidates, describe_mix, search_int8_variant, time_variants,
@@ -28,11 +27,10 @@ from captrt.export.variant_quality import (describe_candidates, describe_mix, se
 from captrt.runtime import graph_contract
 from captrt.runtime.graph_contract import CONTROL_INPUTS
 from captrt.runtime.verification.parity_set import ParitySet, fingerprint
-from captrt.runtime.verification.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport, check_budget, judge_tokens,
-                                   key_digest, search_tokens)
+from captrt.runtime.verification.verify import (DEFAULT_BUDGET, MIN_PARITY_WITH_REFERENCES, QualityReport,
+                                                check_budget, judge_tokens, key_digest)
 from captrt.runtime.verification.verify import record as verify_record
-from captrt.train.model import CaptionModel, normalize_uint8
-from captrt.train.reference import reference_beam_search
+from captrt.train.model import CaptionModel
 from captrt.vocab import Vocab
 
 PARITY_BEAM = 5
@@ -41,7 +39,6 @@ PARITY_BEAM = 5
 DEFAULT_OPSET = 18
 PARITY_COUNT = 100  # parity images by default: 50 cannot resolve a 1% change of BLEU-4
 TUNE_COUNT = 100  # images the int8 search judges candidates on (neither parity nor calibration images)
-NUMERIC_IMAGES = 4
 INT8_ENCODER = "static QDQ: per-channel symmetric int8 weights, uint8 activations, MinMax calibration; for CPUs"
 INT8_DECODER = "int8 MatMuls (per-column uint8 weights, per-row activation scales: batch-independent), log_softmax/TopK fp32"
 FP16 = "fp16 weights and activations; softmax, log_softmax, TopK, reductions and the LSTM cell state fp32; fp32 I/O"
@@ -209,57 +206,28 @@ def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_r
 def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,
                  opset: int, max_beam: int, fp16: bool, int8: bool, parity_set, calib_set, force: bool,
                  budget: float, tune_set=None, search_options: dict | None = None) -> dict:
+    """The export's steps into the temporary directory: trace, gate fp32 on parity, make and judge the
+    variants, write the manifest."""
     cfg = model.config
-    with log.step("tracing encoder (torch.onnx, dynamo)"):
-        enc = export_graph(EncoderGraph(model), example_encoder_inputs(cfg.image_size), "encoder", opset)
-    with log.step("tracing decoder step"):
-        dec = export_graph(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), "decoder_step", opset)
-    check_contract(enc, dec, cfg, max_beam)
-    for name, graph in (("encoder", enc), ("decoder_step", dec)):
-        problems = tensorrt_problems(graph)
-        if problems:
-            raise ExportError(f"{name}: operators TensorRT 10 cannot parse: {'; '.join(problems[:5])}")
-
+    enc, dec = _trace(model, opset, max_beam, log)
     with log.step(f"PyTorch reference beam search on {len(parity_set)} images"):
-        reference = _reference_captions(model, vocab, parity_set, min(PARITY_BEAM, max_beam), log)
-    checker = _ParityChecker(model, vocab, parity_set, reference, min(PARITY_BEAM, max_beam), log)
+        reference = reference_captions(model, vocab, parity_set, min(PARITY_BEAM, max_beam), log)
+    checker = ParityChecker(model, vocab, parity_set, reference, min(PARITY_BEAM, max_beam), log)
 
     graphs: dict[str, dict] = {}
     parity: dict[str, dict] = {}
-    files = GRAPH_FILES["fp32"]
-    _write_pair(tmp, files, enc, dec)
+    _write_pair(tmp, GRAPH_FILES["fp32"], enc, dec)
     parity["fp32"], fp32_tokens, _ = checker.run("fp32", enc, dec, strict=True)
     if not parity["fp32"]["passed"] and not force:
-        raise ExportError(_parity_failure(parity["fp32"]))
-    graphs["fp32"] = _entries(tmp, files, "fp32", enc, dec)
+        raise ExportError(parity_failure(parity["fp32"]))
+    graphs["fp32"] = _entries(tmp, GRAPH_FILES["fp32"], "fp32", enc, dec)
     parity_data = ParitySet(parity_set.images, parity_set.names, parity_set.captions, fp32_tokens, checker.beam,
                             MAX_STEPS)
+    variants, search = _variants(enc, dec, fp16=fp16, int8=int8, calib_set=calib_set, tune_set=tune_set, vocab=vocab,
+                                 beam=checker.beam, budget=budget, log=log, search_options=search_options)
 
-    variants: dict[str, tuple] = {}  # precision -> (encoder, decoder, encoder note, decoder note)
-    if fp16:
-        with log.step("converting to fp16"):
-            try:
-                enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",), control_inputs=CONTROL_INPUTS)
-            except ValueError as exc:  # e.g. weights beyond fp16's range
-                raise ExportError(f"fp16 variant: {exc}") from None
-        variants["fp16"] = (enc16, dec16, FP16, FP16)
-    search_report = search = None
-    if int8 and tune_set is not None:
-        with log.step(f"int8: accuracy-aware search on {len(calib_set)} calibration, {len(tune_set)} tuning images"):
-            search = search_int8_variant(enc, dec, calib_set, tune_set, vocab, checker.beam, budget, log,
-                                         **(search_options or {}))
-        variants["int8"] = (search.encoder, search.decoder, INT8_ENCODER, INT8_DECODER)
-    elif int8:
-        with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
-                log.bar(len(calib_set), "calibration") as tick:
-            enc8 = quantize_encoder(enc, list(calib_set.images), on_image=tick)
-        with log.step("int8: quantizing the decoder step"):
-            dec8 = quantize_decoder(dec)
-        variants["int8"] = (enc8, dec8, INT8_ENCODER, INT8_DECODER)
-
-    judged: dict[str, tuple[QualityReport, dict]] = {}  # precision -> (quality, engine numerics)
-    refused: dict[str, dict] = {}
     def judge(precision: str, e, d) -> tuple[dict, QualityReport | None, dict | None]:
+        """A variant's parity report, its quality against fp32 (None when not measured here), its numerics."""
         check_contract(e, d, cfg, max_beam)
         report, tokens, numerics = checker.run(precision, e, d, strict=False)
         if not report["measured"]:
@@ -270,49 +238,121 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
         log.say(f"{precision} quality: {quality.describe()}")
         return report, quality, numerics
 
+    judged: dict[str, tuple[QualityReport, dict]] = {}  # precision -> (quality, engine numerics)
+    refused: dict[str, dict] = {}
     for precision, (e, d, note_e, note_d) in variants.items():
         report, quality, numerics = judge(precision, e, d)
-        while precision == "int8" and search is not None and quality is not None and not force:
-            search.note_parity(quality.summary())
-            if quality.passed or not search.fallbacks:
-                break
-            # The fastest candidate met the budget on the tuning images but not on the parity set: the next
-            # fastest useful one is judged in turn.
-            log.say(f"int8: {search.chosen} misses the budget on the parity set; trying {search.fallbacks[0]}")
-            search.select(search.fallbacks[0])
-            e, d = search.encoder, search.decoder
-            report, quality, numerics = judge(precision, e, d)
-        if quality is not None:
-            judged[precision] = (quality, numerics)
+        search_report = None
+        if precision == "int8" and search is not None:
+            if not force:
+                report, quality, numerics = _int8_fallbacks(search, judge, report, quality, numerics, log)
+                e, d = search.encoder, search.decoder
+            search_report = report["search"] = search.to_report()
+            note_e = f"{INT8_ENCODER}; {describe_mix(search_report)}"
         if precision == "int8":
             report["calibration"] = {"images": len(calib_set), "source": calib_set.source}
-            if search is not None:
-                search_report = report["search"] = search.to_report()
-                note_e = f"{INT8_ENCODER}; {describe_mix(search_report)}"
+        if quality is not None:
+            judged[precision] = (quality, numerics)
         parity[precision] = report
-        if report["passed"] is False and not force:
-            tried = f"; int8 candidates: {describe_candidates(search_report)}" if precision == "int8" and search else ""
-            refused[precision] = {"reason": quality.describe() + tried, "quality": quality.summary()}
-            continue  # not written: a variant below budget would serve worse captions than it claims
-        if precision == "int8" and search_report is not None and not search_report["useful"] and not force:
-            # Within budget only with so much in fp32 that it is not faster: say so instead of shipping a slow "int8".
-            refused[precision] = {"reason": f"no int8 candidate within budget is {search_report['min_speedup']}x "
-                                            f"faster than fp32: {describe_mix(search_report)}; candidates: "
-                                            f"{describe_candidates(search_report)}; layers at fault: "
-                                            f"{', '.join(search_report['at_fault']) or 'none named'}",
-                                  "quality": quality.summary(), "search": search_report}
+        refusal = None if force else _refusal(precision, report, quality, search_report)
+        if refusal is not None:
+            refused[precision] = refusal  # not written: it would serve worse (or no faster) than it claims
             continue
-        if precision == "int8" and search_report is not None and search_report["encoder"] != "int8":
-            # The int8 step alone won: the variant's encoder is the fp32 graph, by reference (same file and hash).
-            save_onnx(d, tmp / GRAPH_FILES["int8"][1])
-            graphs["int8"] = {"encoder": {**graphs["fp32"]["encoder"], "shared_with": "fp32",
-                                          "quantization": "none: the fp32 encoder (" + describe_mix(search_report) + ")"},
-                              "decoder_step": graph_entry(tmp, GRAPH_FILES["int8"][1], "int8", tensorrt_problems(d),
-                                                          note_d)}
-            continue
-        _write_pair(tmp, GRAPH_FILES[precision], e, d)
-        graphs[precision] = _entries(tmp, GRAPH_FILES[precision], precision, e, d, note_e, note_d)
+        graphs[precision] = _write_variant(tmp, precision, e, d, note_e, note_d, search_report, graphs["fp32"])
+    return _write_manifest(tmp, model, vocab, source, timer, opset=opset, max_beam=max_beam, graphs=graphs,
+                           parity=parity, parity_data=parity_data, judged=judged, refused=refused, budget=budget,
+                           parity_source=parity_set.source)
 
+
+def _trace(model: CaptionModel, opset: int, max_beam: int, log: Progress) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The fp32 encoder and step graphs, checked against the graph contract and TensorRT's operator list."""
+    cfg = model.config
+    with log.step("tracing encoder (torch.onnx, dynamo)"):
+        enc = export_graph(EncoderGraph(model), example_encoder_inputs(cfg.image_size), "encoder", opset)
+    with log.step("tracing decoder step"):
+        dec = export_graph(DecoderStepGraph(model, max_beam), example_decoder_inputs(model), "decoder_step", opset)
+    check_contract(enc, dec, cfg, max_beam)
+    for name, graph in (("encoder", enc), ("decoder_step", dec)):
+        problems = tensorrt_problems(graph)
+        if problems:
+            raise ExportError(f"{name}: operators TensorRT 10 cannot parse: {'; '.join(problems[:5])}")
+    return enc, dec
+
+
+def _variants(enc: onnx.ModelProto, dec: onnx.ModelProto, *, fp16: bool, int8: bool, calib_set, tune_set, vocab: Vocab,
+              beam: int, budget: float, log: Progress, search_options: dict | None) -> tuple[dict[str, tuple], Any]:
+    """The lower-precision graphs asked for, precision -> (encoder, step, encoder note, step note), and the
+    int8 search's result (None without a search)."""
+    variants: dict[str, tuple] = {}
+    if fp16:
+        with log.step("converting to fp16"):
+            try:
+                enc16, dec16 = convert_to_fp16(enc), convert_to_fp16(dec, state_inputs=("c",), control_inputs=CONTROL_INPUTS)
+            except ValueError as exc:  # e.g. weights beyond fp16's range
+                raise ExportError(f"fp16 variant: {exc}") from None
+        variants["fp16"] = (enc16, dec16, FP16, FP16)
+    search = None
+    if int8 and tune_set is not None:
+        with log.step(f"int8: accuracy-aware search on {len(calib_set)} calibration, {len(tune_set)} tuning images"):
+            search = search_int8_variant(enc, dec, calib_set, tune_set, vocab, beam, budget, log,
+                                         **(search_options or {}))
+        variants["int8"] = (search.encoder, search.decoder, INT8_ENCODER, INT8_DECODER)
+    elif int8:
+        with log.step(f"int8: calibrating the encoder on {len(calib_set)} images"), \
+                log.bar(len(calib_set), "calibration") as tick:
+            enc8 = quantize_encoder(enc, list(calib_set.images), on_image=tick)
+        with log.step("int8: quantizing the decoder step"):
+            dec8 = quantize_decoder(dec)
+        variants["int8"] = (enc8, dec8, INT8_ENCODER, INT8_DECODER)
+    return variants, search
+
+
+def _int8_fallbacks(search: Any, judge: Any, report: dict, quality: QualityReport | None, numerics: dict | None,
+                    log: Progress) -> tuple[dict, QualityReport | None, dict | None]:
+    """The fastest candidate met the budget on the tuning images but not on the parity set: the next fastest
+    useful one is judged in turn, until one passes or none is left. -> the last one's judgement."""
+    while quality is not None:
+        search.note_parity(quality.summary())
+        if quality.passed or not search.fallbacks:
+            break
+        log.say(f"int8: {search.chosen} misses the budget on the parity set; trying {search.fallbacks[0]}")
+        search.select(search.fallbacks[0])
+        report, quality, numerics = judge("int8", search.encoder, search.decoder)
+    return report, quality, numerics
+
+
+def _refusal(precision: str, report: dict, quality: QualityReport | None, search_report: dict | None) -> dict | None:
+    """Why a judged variant is not written (below the budget, or an int8 no faster than fp32), else None."""
+    if report["passed"] is False:
+        tried = f"; int8 candidates: {describe_candidates(search_report)}" if search_report is not None else ""
+        return {"reason": quality.describe() + tried, "quality": quality.summary()}
+    if precision == "int8" and search_report is not None and not search_report["useful"]:
+        # Within budget only with so much in fp32 that it is not faster: say so instead of shipping a slow "int8".
+        return {"reason": f"no int8 candidate within budget is {search_report['min_speedup']}x "
+                          f"faster than fp32: {describe_mix(search_report)}; candidates: "
+                          f"{describe_candidates(search_report)}; layers at fault: "
+                          f"{', '.join(search_report['at_fault']) or 'none named'}",
+                "quality": quality.summary() if quality is not None else None, "search": search_report}
+    return None
+
+
+def _write_variant(tmp: Path, precision: str, enc: onnx.ModelProto, dec: onnx.ModelProto, note_e: str, note_d: str,
+                   search_report: dict | None, fp32_entries: dict) -> dict:
+    """Write a variant's graphs; -> its manifest entries."""
+    if precision == "int8" and search_report is not None and search_report["encoder"] != "int8":
+        # The int8 step alone won: the variant's encoder is the fp32 graph, by reference (same file and hash).
+        save_onnx(dec, tmp / GRAPH_FILES["int8"][1])
+        return {"encoder": {**fp32_entries["encoder"], "shared_with": "fp32",
+                            "quantization": "none: the fp32 encoder (" + describe_mix(search_report) + ")"},
+                "decoder_step": graph_entry(tmp, GRAPH_FILES["int8"][1], "int8", tensorrt_problems(dec), note_d)}
+    _write_pair(tmp, GRAPH_FILES[precision], enc, dec)
+    return _entries(tmp, GRAPH_FILES[precision], precision, enc, dec, note_e, note_d)
+
+
+def _write_manifest(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, timer: Timer, *, opset: int,
+                    max_beam: int, graphs: dict, parity: dict, parity_data: ParitySet, judged: dict, refused: dict,
+                    budget: float, parity_source: str) -> dict:
+    """The parity set, vocab.json and captrt.json, with a verification record per written variant."""
     parity_entry = parity_data.save(tmp)
     model_print = fingerprint(graphs, parity_entry)
     records = []
@@ -324,8 +364,8 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
     write_json(tmp / "vocab.json", vocab.to_json())
     exporter = {"tool": "captrt.export", "torch_exporter": "torch.onnx.export(dynamo=True)",
                 "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version(),
-                "parity_images": parity_set.source, "seconds": round(timer(), 1)}
-    manifest = build_manifest(cfg, vocab, opset=opset, max_beam=max_beam, graphs=graphs, parity=parity,
+                "parity_images": parity_source, "seconds": round(timer(), 1)}
+    manifest = build_manifest(model.config, vocab, opset=opset, max_beam=max_beam, graphs=graphs, parity=parity,
                               source=source, exporter=exporter)
     manifest["parity_set"] = parity_entry
     manifest["quality_budget"] = budget
@@ -359,66 +399,6 @@ def _entries(tmp: Path, files: tuple[str, str], precision: str, enc, dec, enc_q:
              dec_q: str | None = None) -> dict[str, dict]:
     return {"encoder": graph_entry(tmp, files[0], precision, tensorrt_problems(enc), enc_q),
             "decoder_step": graph_entry(tmp, files[1], precision, tensorrt_problems(dec), dec_q)}
-
-
-def _parity_failure(report: dict) -> str:
-    worst = max(report["max_rel_diff"].items(), key=lambda kv: kv[1])
-    lines = [f"fp32 parity failed: {report['identical']}/{report['images']} beam-search captions identical to "
-             f"PyTorch, worst relative difference {worst[0]}={worst[1]:.3g}"]
-    for m in report.get("mismatches", [])[:3]:
-        lines.append(f"  {m['image']}: PyTorch '{m['reference']}' vs ONNX '{m['variant']}'")
-    lines.append("Nothing was written (pass force=True / --force to write the model anyway).")
-    return "\n".join(lines)
-
-
-def _reference_captions(model: CaptionModel, vocab: Vocab, parity_set, beam: int, log: Progress) -> list[list[int]]:
-    out = []
-    with log.bar(len(parity_set), "reference") as tick, torch_threads(1):
-        for image in parity_set.images:
-            x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(image[None])))[0]
-            out.append(reference_beam_search(model, x, vocab.start, vocab.end, beam, MAX_STEPS).tokens)
-            tick()
-    return out
-
-
-class _ParityChecker:
-    """Runs numeric + caption parity of one precision variant against the shared PyTorch references."""
-
-    def __init__(self, model, vocab: Vocab, parity_set, reference: list[list[int]], beam: int, log: Progress):
-        self.model, self.vocab, self.set, self.reference, self.beam, self.log = \
-            model, vocab, parity_set, reference, beam, log
-
-    def run(self, precision: str, enc: onnx.ModelProto, dec: onnx.ModelProto,
-            strict: bool) -> tuple[dict, list[list[int]] | None, dict | None]:
-        """-> (parity report, the variant's captions on the parity images, its engine's numerics key);
-        (report, None, None) when ONNX Runtime's CPU provider cannot run the graphs (not strict)."""
-        timer = Timer()
-        dec_bytes = dec.SerializeToString()
-        try:
-            # One thread for the step: its ops are small, and the parity decode is a long chain of them.
-            enc_s, dec_s = make_session(enc.SerializeToString()), make_session(dec_bytes, threads=1)
-            # The captions come from the search users run: the default path's step graph (plain, when it cuts).
-            engine = search_engine(enc_s, dec_bytes, precision=precision, controlled=dec_s)
-        except Exception as exc:  # e.g. no CPU kernel for an fp16 operator
-            if strict:
-                raise ExportError(f"ONNX Runtime cannot load the {precision} graphs: {exc}") from None
-            reason = f"not measured: needs a GPU (ONNX Runtime's CPU provider cannot run the {precision} graphs: " \
-                     f"{str(exc).splitlines()[0][:200]})"
-            self.log.say(f"{precision} parity {reason}")
-            return not_measured(reason), None, None
-        with self.log.step(f"{precision} parity on {len(self.set)} images"), torch_threads(1):
-            numeric = numeric_parity(self.model, enc_s, dec_s, self.set.images[:NUMERIC_IMAGES], self.vocab.start)
-            with self.log.bar(len(self.set), f"{precision} beam search") as tick:
-                # The same search, batch and code as `captrt verify` and a first load (captrt.runtime.verification.verify).
-                tokens = search_tokens(engine, self.set.images, start=self.vocab.start, end=self.vocab.end,
-                                       vocab_size=len(self.vocab), beam_size=self.beam, max_steps=MAX_STEPS,
-                                       on_batch=tick)
-            captions = caption_parity(self.reference, tokens, self.vocab.decode, self.set.captions, self.set.names)
-        report = parity_report(numeric, captions, beam_size=self.beam, max_steps=MAX_STEPS, strict=strict,
-                               seconds=timer())
-        self.log.say(f"{precision} parity: {report['identical']}/{report['images']} captions identical to PyTorch, "
-                     f"BLEU-4 change {report['bleu4_change']:+.4f}")
-        return report, tokens, engine.numerics()
 
 
 def _ort_version() -> str:
