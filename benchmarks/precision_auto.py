@@ -50,7 +50,7 @@ DEMO = {"vocab_size": 61, "backbone": "resnet18", "enc_size": 8, "attention_dim"
 CONFIGS = [  # label, engine, precision, directory ("model": full int8, "step": the step-only copy)
     ("ORT fp32", "ort", "fp32", "model"),
     ("ORT int8, step only", "ort", "int8", "step"),
-    ("ORT int8, full", "ort", "int8", "model"),
+    ("ORT int8, int8 encoder", "ort", "int8", "model"),
     ("OpenVINO bf16", "openvino", "bf16", "model"),
     ("OpenVINO bf16 encoder + int8 step", "openvino", "bf16-int8", "step"),
 ]
@@ -76,7 +76,7 @@ def model_dirs(kind: str, work: Path, parity: int) -> tuple[Path, Path | None]:
         int8 = manifest["graphs"].get("int8")
         if int8 is None or int8["encoder"]["file"] == manifest["graphs"]["fp32"]["encoder"]["file"]:
             return model, None
-        return model, step_only_copy(model, work / model.parent.name / "model-step")
+        return model, step_only_copy(model, work / f"dir-{model.parent.name}" / "model-step")
     d = work / kind
     d.mkdir(parents=True, exist_ok=True)
     ckpt, out, stamp = d / "model.pt", d / "model", d / "stamp.json"
@@ -121,7 +121,7 @@ def precisions(dirs: dict[str, Path], images, batches: list[int], reps: int, ste
         row = rows[label] = {"engine": engine, "precision": precision, "dir": where}
         if dirs.get("step") is None and where == "step":
             where = row["dir"] = "model"  # the directory's own int8 variant is the step alone
-        elif precision == "int8" and where == "model" and chosen != "full":
+        elif precision == "int8" and where == "model" and not chosen.startswith("an int8 encoder"):
             row["skipped"] = f"the directory's int8 variant is {chosen}"
             continue
         try:
@@ -165,12 +165,17 @@ def precisions(dirs: dict[str, Path], images, batches: list[int], reps: int, ste
 
 
 def _int8_kind(model: Path) -> str:
-    """'full' (an int8 encoder), 'the int8 step alone' or 'not written (...)'."""
+    """'an int8 encoder (...)', 'the int8 step alone' or 'not written (...)'."""
     manifest = json.loads((model / "captrt.json").read_text(encoding="utf-8"))
     int8 = manifest["graphs"].get("int8")
     if int8 is None:
         return f"not written ({(manifest.get('refused') or {}).get('int8', {}).get('reason', 'not exported')[:120]})"
-    return "the int8 step alone" if int8["encoder"]["file"] == manifest["graphs"]["fp32"]["encoder"]["file"] else "full"
+    if int8["encoder"]["file"] == manifest["graphs"]["fp32"]["encoder"]["file"]:
+        return "the int8 step alone"
+    search = manifest["parity"]["int8"].get("search")
+    how = f"the search's choice: {search['chosen']}" if search else "every layer int8, no search"
+    passed = manifest["parity"]["int8"].get("passed")
+    return f"an int8 encoder ({how}; {'within' if passed else 'written with --force, misses'} the budget)"
 
 
 # -- (b) the default path -------------------------------------------------------------------------------

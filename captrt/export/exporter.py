@@ -86,9 +86,9 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DE
 
     # Read every input image before the long steps, so a bad file fails in seconds, not minutes.
     with log.step("reading parity/calibration images"):
-        parity_set, calib_set, tune_set = _image_sets(cfg.image_size, parity_images, parity_count, calib_json,
-                                                      calib_images, calib_count, int8,
-                                                      tune=tune_count if int8 and int8_search else 0)
+        parity_set, calib_set, tune_set = image_sets.export_sets(
+            cfg.image_size, parity_images, parity_count, calib_json, calib_images, calib_count, int8,
+            tune=tune_count if int8 and int8_search else 0)
     log.say(f"parity: {len(parity_set)} images ({parity_set.source})"
             + (f"; calibration: {len(calib_set)} images ({calib_set.source})" if int8 else "")
             + (f"; int8 tuning: {len(tune_set)} images ({tune_set.source})" if tune_set is not None else ""))
@@ -169,38 +169,6 @@ def load_model(checkpoint: Path, word_map: str | None) -> tuple[CaptionModel, Vo
     if word_map is not None:
         source["word_map"] = str(Path(word_map).resolve())
     return model, ckpt.vocab, source
-
-
-def _image_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
-                int8: bool, tune: int = 0) -> tuple[image_sets.ImageSet, image_sets.ImageSet | None,
-                                                              image_sets.ImageSet | None]:
-    """(parity, calibration, tuning): disjoint sets. Calibration never sees a parity image (the parity
-    set judges what calibration produced), and the int8 search tunes on a third set, so the parity
-    verdict is not the one the search optimized."""
-    entries = image_sets.read_karpathy(calib_json, calib_root) if calib_json is not None else None
-    if parity_images:
-        parity = image_sets.from_files(parity_images, size)
-    elif entries is not None:
-        parity = image_sets.from_dataset(entries, image_sets.PARITY_SPLITS, parity_count, size)
-    else:
-        parity = image_sets.synthetic(parity_count, size)
-    calib = tuning = None
-    if int8:
-        avoid = {Path(p) for p in parity.paths}
-        if entries is not None:
-            calib = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, calib_count, size, avoid=avoid,
-                                            source="calibration dataset", strict=True)
-            if tune:
-                tuning = image_sets.from_dataset(entries, image_sets.CALIB_SPLITS, tune, size,
-                                                 avoid=avoid | {Path(p) for p in calib.paths},
-                                                 source="int8 tuning images (dataset)", strict=True)
-        else:  # synthetic scenes of other seeds than the parity images'
-            calib = image_sets.synthetic(calib_count, size, seed=image_sets.CALIB_SEED)
-            calib.source = "synthetic scenes (captrt.synth), not the parity images"
-            if tune:
-                tuning = image_sets.synthetic(tune, size, seed=image_sets.TUNE_SEED)
-                tuning.source = "synthetic scenes (captrt.synth), neither parity nor calibration images"
-    return parity, calib, tuning
 
 
 def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log: Progress, timer: Timer, *,

@@ -91,3 +91,34 @@ def synthetic(count: int, size: int, seed: int = PARITY_SEED) -> ImageSet:
 
     return ImageSet(render_scenes(count, size, seed), [f"synthetic-{i}" for i in range(count)], None,
                     "synthetic scenes (captrt.synth)")
+
+
+def export_sets(size: int, parity_images, parity_count: int, calib_json, calib_root, calib_count: int,
+                int8: bool, tune: int = 0) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
+    """(parity, calibration, tuning): disjoint sets. Calibration never sees a parity image (the parity
+    set judges what calibration produced), and the int8 search tunes on a third set, so the parity
+    verdict is not the one the search optimized. tune: tuning images (0: none)."""
+    entries = read_karpathy(calib_json, calib_root) if calib_json is not None else None
+    if parity_images:
+        parity = from_files(parity_images, size)
+    elif entries is not None:
+        parity = from_dataset(entries, PARITY_SPLITS, parity_count, size)
+    else:
+        parity = synthetic(parity_count, size)
+    calib = tuning = None
+    if int8:
+        avoid = {Path(p) for p in parity.paths}
+        if entries is not None:
+            calib = from_dataset(entries, CALIB_SPLITS, calib_count, size, avoid=avoid,
+                                            source="calibration dataset", strict=True)
+            if tune:
+                tuning = from_dataset(entries, CALIB_SPLITS, tune, size,
+                                                 avoid=avoid | {Path(p) for p in calib.paths},
+                                                 source="int8 tuning images (dataset)", strict=True)
+        else:  # synthetic scenes of other seeds than the parity images'
+            calib = synthetic(calib_count, size, seed=CALIB_SEED)
+            calib.source = "synthetic scenes (captrt.synth), not the parity images"
+            if tune:
+                tuning = synthetic(tune, size, seed=TUNE_SEED)
+                tuning.source = "synthetic scenes (captrt.synth), neither parity nor calibration images"
+    return parity, calib, tuning
