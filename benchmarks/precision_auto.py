@@ -223,7 +223,6 @@ def default_path(model: Path, images, batches: list[int], reps: int) -> list[dic
 def search_once(work: Path, checkpoint: Path, calib: Path | None) -> dict[str, float]:
     """In a fresh process: export `checkpoint` with the int8 search (calibration and tuning images from the
     `calib` dataset, else synthetic scenes); the search's and the export's seconds."""
-    import inspect
     import time
 
     import captrt.export.exporter as exporter
