@@ -248,9 +248,9 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
 
     for precision, (e, d, note_e, note_d) in variants.items():
         report, quality, numerics = judge(precision, e, d)
-        while precision == "int8" and search is not None and quality is not None and not force:
+        while precision == "int8" and search is not None and quality is not None:
             search.note_parity(quality.summary())
-            if quality.passed or not search.fallbacks:
+            if quality.passed or force or not search.fallbacks:
                 break
             # The fastest candidate met the budget on the tuning images but not on the parity set: the next
             # fastest useful one is judged in turn.
