@@ -212,9 +212,8 @@ def _export_into(tmp: Path, model: CaptionModel, vocab: Vocab, source: dict, log
         report, quality, numerics = judge(precision, e, d)
         search_report = None
         if precision == "int8" and search is not None:
-            if not force:
-                report, quality, numerics = _int8_fallbacks(search, judge, report, quality, numerics, log)
-                e, d = search.encoder, search.decoder
+            report, quality, numerics = _int8_fallbacks(search, judge, report, quality, numerics, log, force)
+            e, d = search.encoder, search.decoder
             search_report = report["search"] = search.to_report()
             note_e = f"{INT8_ENCODER}; {describe_mix(search_report)}"
         if precision == "int8":
@@ -276,12 +275,13 @@ def _variants(enc: onnx.ModelProto, dec: onnx.ModelProto, *, fp16: bool, int8: b
 
 
 def _int8_fallbacks(search: Any, judge: Any, report: dict, quality: QualityReport | None, numerics: dict | None,
-                    log: Progress) -> tuple[dict, QualityReport | None, dict | None]:
-    """The fastest candidate met the budget on the tuning images but not on the parity set: the next fastest
-    useful one is judged in turn, until one passes or none is left. -> the last one's judgement."""
+                    log: Progress, force: bool) -> tuple[dict, QualityReport | None, dict | None]:
+    """The chosen candidate's parity verdict is recorded on it; when it met the budget on the tuning images
+    but not on the parity set (and not force), the next fastest useful one is judged in turn, until one
+    passes or none is left. -> the last one's judgement."""
     while quality is not None:
         search.note_parity(quality.summary())
-        if quality.passed or not search.fallbacks:
+        if quality.passed or force or not search.fallbacks:
             break
         log.say(f"int8: {search.chosen} misses the budget on the parity set; trying {search.fallbacks[0]}")
         search.select(search.fallbacks[0])
