@@ -185,9 +185,10 @@ def parse_params(query: Iterable[tuple[str, str]], fields: Mapping[str, str], *,
     return params
 
 
-def _flag(name: str, text: str, strict: bool = False) -> bool:
+def _flag(name: str, text: str) -> bool:
+    """attention's spellings; the decoding options' booleans are the option table's (true/false only)."""
     flag = text.lower()
-    if flag not in (("true", "false") if strict else _TRUE | _FALSE):
+    if flag not in _TRUE | _FALSE:
         raise ServeError(422, f"{name} must be true or false, got {text!r}")
     return flag in _TRUE
 
